@@ -1,0 +1,31 @@
+# The README's commands. `make test` and `make demo` set themselves up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Local Ray clusters here run without token auth (see README, "Ray auth").
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: setup test demo bench clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the CPU wheel only here, through the constraints file.
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-cpu.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
+	touch $@
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+demo: setup
+	$(VENV)/bin/medvl demo-data --output demo-data
+	$(VENV)/bin/medvl preprocess --config workflows/configs/demo.yaml
+
+bench: setup
+	$(PY) benchmarks/preprocess.py
+
+clean:
+	rm -rf $(VENV) runs demo-data benchmarks/out

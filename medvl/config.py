@@ -1,0 +1,97 @@
+"""Typed configs: dataclasses loaded from YAML, then ``key=value`` overrides on top.
+
+Each field's ``metadata["help"]`` is its documentation; the CLI turns the same fields
+into ``--flags`` so a YAML recipe, a flag and a Python call can never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+import yaml
+
+from medvl import storage
+
+T = TypeVar("T")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    """Check (and gently convert) a value against a field's annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{name}: {value!r} is not one of {typing.get_args(tp)}")
+        return value
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{name}.")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(item, v, name) for v in value]
+    if origin is dict or tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ValueError(f"{name}: expected {tp.__name__}, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ValueError(f"{name}: expected int, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build a (nested) dataclass from a mapping; unknown keys are an error, not ignored."""
+    types_ = _field_types(cls)
+    unknown = set(data) - set(types_)
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(prefix + k for k in unknown)}")
+    kwargs = {k: _coerce(types_[k], v, prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings (values parsed as YAML scalars) to a nested mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return data
+
+
+def load(cls: type[T], path: str | None = None, overrides: list[str] | None = None,
+         section: str | None = None) -> T:
+    """Load ``cls`` from a YAML file (optionally one top-level ``section`` of it) + overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        doc = yaml.safe_load(storage.read_text(path)) or {}
+        data = doc.get(section, {}) if section else doc
+    return from_dict(cls, apply_overrides(dict(data), overrides or []))

@@ -1,0 +1,167 @@
+"""``medvl demo-data``: a small ChiMed-VL-format corpus built from real clinical DICOM files.
+
+The images are pydicom's bundled test files plus the ``pydicom-data`` package (chest and
+extremity radiographs, CT, MR, ultrasound), all offline. Captions and Chinese
+question/answer pairs come from each file's own tags (Modality, BodyPartExamined,
+StudyDescription). Light augmentation (crop, flip, window) multiplies the samples, and
+the train / held-out split is made by source image, so no image leaks into evaluation.
+The demo also needs a tokenizer, which cannot be downloaded here: a byte-level BPE is
+trained on the corpus text.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from medvl.data.dicom import dicom_to_rgb
+from medvl.data.templates import TEMPLATES
+
+# Source images, grouped so that re-encodings of one image share a group (and a split).
+GROUPS: dict[str, list[str]] = {
+    "ct_head_neck": ["693_UNCI.dcm", "693_UNCR.dcm", "693_J2KI.dcm", "693_J2KR.dcm"],
+    "ct_small": ["CT_small.dcm"],
+    "ct_pancreas": ["explicit_VR-UN.dcm"],
+    "ct_head": ["J2K_pixelrep_mismatch.dcm"],
+    "mr_shoulder": ["MR2_UNCI.dcm", "MR2_UNCR.dcm", "MR2_J2KI.dcm", "MR2_J2KR.dcm"],
+    "mr_small": ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_bigendian.dcm"],
+    "mr_head": ["emri_small.dcm", "emri_small_RLE.dcm", "emri_small_big_endian.dcm"],
+    "mr_abdomen": ["MR-SIEMENS-DICOM-WithOverlays.dcm", "examples_overlay.dcm"],
+    "xr_chest": ["RG1_UNCI.dcm", "RG1_UNCR.dcm", "RG1_J2KI.dcm", "RG1_J2KR.dcm"],
+    "xr_extremity": ["RG3_UNCI.dcm", "RG3_UNCR.dcm", "RG3_J2KI.dcm", "RG3_J2KR.dcm"],
+    "us_abdomen": ["US1_UNCI.dcm", "US1_UNCR.dcm", "US1_J2KI.dcm", "US1_J2KR.dcm"],
+    "us_ob": ["OBXXXX1A.dcm", "OBXXXX1A_rle.dcm", "OBXXXX1A_expb.dcm"],
+    "us_echo": ["color-pl.dcm", "color-px.dcm"],
+    "us_color": ["examples_rgb_color.dcm", "examples_ybr_color.dcm", "examples_palette.dcm"],
+}
+HELD_OUT = {"ct_pancreas", "mr_head", "us_echo", "xr_extremity"}
+
+MODALITY_ZH = {"CT": "CT", "MR": "磁共振", "CR": "X线", "DX": "X线", "US": "超声"}
+CHOICES = ["CT", "磁共振", "X线", "超声"]
+BODY_ZH = {"CHEST": "胸部", "THORAX": "胸部", "EXTREMITY": "四肢", "ABDOMEN": "腹部",
+           "HEAD": "头部", "SHOULDER": "肩部", "PANCREAS": "胰腺", "LIVER": "肝脏"}
+
+
+def find_dicom_files() -> dict[str, str]:
+    """Bundled DICOM file name -> path, by enumerating the installed packages."""
+    import pydicom.data
+
+    roots = [os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")]
+    try:
+        import data_store  # the pydicom-data package
+
+        roots.append(os.path.join(os.path.dirname(data_store.__file__), "data"))
+    except ImportError:
+        pass
+    return {os.path.basename(p): p for r in roots for p in glob.glob(f"{r}/**/*.dcm", recursive=True)}
+
+
+def describe(path: str) -> tuple[str, str | None, str]:
+    """(modality in Chinese, body part in Chinese or None, study description) from tags."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    modality = MODALITY_ZH[str(ds.Modality)]
+    text = f"{ds.get('BodyPartExamined', '')} {ds.get('StudyDescription', '')}".upper()
+    body = next((zh for en, zh in BODY_ZH.items() if en in text), None)
+    return modality, body, str(ds.get("StudyDescription", "") or "")
+
+
+def _augment(img: Image.Image, rng: random.Random) -> Image.Image:
+    w, h = img.size
+    s = rng.uniform(0.8, 1.0)
+    cw, ch = int(w * s), int(h * s)
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    img = img.crop((x, y, x + cw, y + ch))
+    if rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    gamma = rng.uniform(0.7, 1.4)  # a different display window
+    arr = (255.0 * (np.asarray(img, np.float32) / 255.0) ** gamma).astype(np.uint8)
+    img = Image.fromarray(arr)
+    img.thumbnail((256, 256))
+    return img
+
+
+def _conversations(modality: str, body: str | None) -> list[dict]:
+    """Instruction samples for one image: open, multiple-choice and yes/no questions."""
+    what = f"{body}{modality}" if body else modality
+    asked = random.Random(modality + str(body)).choice([c for c in CHOICES if c != modality])
+    qa = [
+        ("这是什么检查？", f"这是一张{what}图像。", "open", None),
+        ("这张图像的检查方式是什么？选项：" + "、".join(CHOICES), modality, "closed", CHOICES),
+        (f"这是{asked}图像吗？", "否", "closed", ["是", "否"]),
+        (f"这是{modality}图像吗？", "是", "closed", ["是", "否"]),
+    ]
+    return [{"question": q, "answer": a, "answer_type": t, "choices": c} for q, a, t, c in qa]
+
+
+def _record(rec_id: str, image: str, question: str, answer: str, **extra) -> dict:
+    convs = [{"from": "human", "value": f"<image>\n{question}" if question else "<image>"},
+             {"from": "gpt", "value": answer}]
+    return {"id": rec_id, "image": image, "conversations": convs, **extra}
+
+
+def build_demo_data(output: str, variants: int = 10, seed: int = 0) -> dict:
+    """Write images/, alignment_{train,heldout}.jsonl, instruction_{train,heldout}.jsonl, tokenizer/."""
+    out = Path(output)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    files = find_dicom_files()
+    rng = random.Random(seed)
+    sets: dict[str, list[dict]] = {f"{k}_{s}": [] for k in ("alignment", "instruction")
+                                   for s in ("train", "heldout")}
+    for group, names in GROUPS.items():
+        split = "heldout" if group in HELD_OUT else "train"
+        present = [n for n in names if n in files]
+        if not present:
+            continue
+        modality, body, study = describe(files[present[0]])
+        base = Image.fromarray(dicom_to_rgb(Path(files[present[0]]).read_bytes(), 10**8))
+        image_names = []
+        for n in present:  # the DICOM files themselves, so the pipeline decodes DICOM
+            shutil.copyfile(files[n], out / "images" / n)
+            image_names.append(n)
+        for k in range(variants if split == "train" else 2):
+            name = f"{group}_{k:02d}.png"
+            _augment(base, rng).save(out / "images" / name)
+            image_names.append(name)
+        caption = f"{body or ''}{modality}图像" + (f"，{study}。" if study else "。")
+        for i, img in enumerate(image_names):
+            extra = {"modality": modality, "source": group}
+            sets[f"alignment_{split}"].append(_record(f"{group}-{i}-cap", img, "", caption, **extra))
+            for j, c in enumerate(_conversations(modality, body)):
+                sets[f"instruction_{split}"].append(_record(
+                    f"{group}-{i}-q{j}", img, c["question"], c["answer"],
+                    answer_type=c["answer_type"], choices=c["choices"], **extra))
+    for name, recs in sets.items():
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+    train_tokenizer([c["value"] for recs in sets.values() for r in recs for c in r["conversations"]],
+                    str(out / "tokenizer"))
+    counts = {name: len(recs) for name, recs in sets.items()}
+    (out / "README.json").write_text(json.dumps({"counts": counts, "held_out": sorted(HELD_OUT)},
+                                                ensure_ascii=False, indent=2))
+    return counts
+
+
+def train_tokenizer(texts: list[str], output: str, vocab_size: int = 2000) -> None:
+    """Train a small byte-level BPE (Qwen/GPT-style) on ``texts`` and save it HF-style."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<unk>", "<pad>", "<image>", "<|im_start|>", "<|im_end|>"]
+    corpus = texts + [t.system + t.user_prefix + t.assistant_prefix for t in TEMPLATES.values()]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, special_tokens=specials)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", additional_special_tokens=specials[4:],
+    )
+    tok.save_pretrained(output)
+

@@ -1,0 +1,76 @@
+"""DICOM -> 8-bit RGB, the way a radiologist's viewer would show it.
+
+Modality LUT (rescale slope/intercept), then the VOI window stored in the file or, when
+there is none, a robust 0.5-99.5 percentile window; MONOCHROME1 is inverted so bone is
+always bright; multi-frame files contribute their first frame; colour files (RGB, YBR,
+palette) are converted to RGB. Works for any bit depth because everything goes through
+float32.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space
+
+from medvl.data.images import ImageError
+
+PERCENTILES = (0.5, 99.5)
+
+
+def _first_frame(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return arr[0] if frames > 1 else arr
+
+
+def _to_uint8(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:
+        hi = lo + 1.0
+    return (np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _monochrome(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
+    x = apply_modality_lut(arr, ds).astype(np.float32)
+    if "WindowCenter" in ds and "WindowWidth" in ds or "VOILUTSequence" in ds:
+        x = apply_voi_lut(x, ds, index=0).astype(np.float32)
+        lo, hi = float(x.min()), float(x.max())
+    else:
+        lo, hi = (float(v) for v in np.percentile(x, PERCENTILES))
+    gray = _to_uint8(x, lo, hi)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        gray = 255 - gray
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def _colour(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
+    photometric = str(ds.get("PhotometricInterpretation", "RGB"))
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    elif photometric.startswith("YBR") and photometric not in ("YBR_ICT", "YBR_RCT"):
+        arr = convert_color_space(arr, photometric, "RGB")
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    x = arr.astype(np.float32)
+    return _to_uint8(x, float(x.min()), float(x.max()))
+
+
+def dicom_to_rgb(data: bytes, max_pixels: int) -> np.ndarray:
+    """DICOM bytes -> uint8 HxWx3, raising ``ImageError`` for unusable files."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken files
+        raise ImageError("corrupt_image", f"not a readable DICOM image: {type(e).__name__}: {e}") from e
+    if rows * cols > max_pixels:
+        raise ImageError("image_too_large", f"{cols}x{rows} pixels > max_pixels={max_pixels}")
+    try:
+        arr = _first_frame(ds, ds.pixel_array)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        photometric = str(ds.get("PhotometricInterpretation", ""))
+        if samples == 1 and photometric != "PALETTE COLOR":
+            return _monochrome(ds, arr)
+        return _colour(ds, arr)
+    except Exception as e:  # noqa: BLE001 - missing codecs, truncated pixel data, ...
+        raise ImageError("corrupt_image", f"cannot decode DICOM pixels: {type(e).__name__}: {e}") from e

@@ -1,0 +1,85 @@
+"""Validate LLaVA / ChiMed-VL records; every failure is a ``Reject`` with a reason code.
+
+Reasons (also documented in the README): ``bad_json``, ``missing_image``,
+``corrupt_image``, ``image_too_large``, ``no_image_token``, ``no_answer``, ``too_long``,
+``path_outside_root``.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+
+from medvl import storage
+from medvl.data.templates import IMAGE
+
+REASONS = (
+    "bad_json",
+    "missing_image",
+    "corrupt_image",
+    "image_too_large",
+    "no_image_token",
+    "no_answer",
+    "too_long",
+    "path_outside_root",
+)
+
+
+class Reject(Exception):
+    def __init__(self, reason: str, detail: str):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Record:
+    id: str
+    image: str
+    turns: list[tuple[str, str]]  # (question, answer) pairs, <image> in the first question
+
+
+def parse(text: str) -> dict:
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Reject("bad_json", f"{e.msg} at char {e.pos}: {text[:120]!r}") from e
+    if not isinstance(rec, dict):
+        raise Reject("bad_json", f"record is a {type(rec).__name__}, not an object")
+    return rec
+
+
+def validate(rec: dict) -> Record:
+    """Check structure and pair up turns; raise ``Reject`` on the first problem found."""
+    convs = rec.get("conversations")
+    if not isinstance(convs, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("value"), str) and t.get("from") in ("human", "gpt")
+        for t in convs
+    ):
+        raise Reject("bad_json", "'conversations' must be a list of {from: human|gpt, value: str}")
+    image = rec.get("image")
+    if not isinstance(image, str) or not image:
+        raise Reject("missing_image", "record has no 'image' field")
+    turns: list[tuple[str, str]] = []
+    for i in range(0, len(convs) - 1, 2):
+        q, a = convs[i], convs[i + 1]
+        if q["from"] != "human" or a["from"] != "gpt":
+            raise Reject("bad_json", f"turn {i} is not a human/gpt pair")
+        turns.append((q["value"], a["value"]))
+    if not turns or not all(a.strip() for _, a in turns):
+        raise Reject("no_answer", "no (non-empty) gpt answer after a human turn")
+    if IMAGE not in turns[0][0]:
+        raise Reject("no_image_token", "first human turn has no <image>")
+    if any(IMAGE in q for q, _ in turns[1:]) or turns[0][0].count(IMAGE) > 1:
+        raise Reject("no_image_token", "exactly one <image>, in the first human turn, is supported")
+    return Record(str(rec["id"]), image, turns)
+
+
+def image_uri(root: str, rel: str) -> str:
+    """Join ``rel`` under ``root``, refusing absolute paths and ``..`` escapes."""
+    norm = posixpath.normpath(rel.replace("\\", "/"))
+    if rel.startswith(("/", "\\")) or "://" in rel or norm == ".." or norm.startswith("../"):
+        raise Reject("path_outside_root", f"{rel!r} escapes the image root")
+    return storage.join(root, norm)

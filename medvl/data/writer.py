@@ -1,0 +1,88 @@
+"""A Ray Data sink that splits processed rows into Parquet shards and rejects, in one pass.
+
+Filtering one dataset twice (kept / rejected) would decode every image twice; writing
+both from the same task keeps the pipeline single-pass and still loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.datasource.datasink import WriteResult
+
+from medvl import storage
+
+SHARD_COLUMNS = ["id", "input_ids", "labels", "pixels", "length"]
+
+
+class ShardSink(Datasink):
+    def __init__(self, output: str, records_in: int, run_config: dict, plain: bool):
+        self.output = output
+        self.records_in = records_in
+        self.run_config = run_config
+        self.plain = plain  # stage-1 answers are captions: report them as such
+        self.manifest: dict[str, Any] = {}
+
+    def write(self, blocks, ctx) -> dict[str, Any]:
+        table = pa.concat_tables([pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks])
+        rejected = pc.not_equal(table["reason"], "")
+        kept = table.filter(pc.invert(rejected))
+        bad = table.filter(rejected).select(["line", "id", "reason", "detail"]).to_pylist()
+        shard = ""
+        if kept.num_rows:
+            shard = f"shards/part-{ctx.task_idx:05d}.parquet"
+            fs, path = storage.resolve(storage.join(self.output, shard))
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            pq.write_table(kept.select(SHARD_COLUMNS), path, filesystem=fs)
+        return {
+            "shard": shard,
+            "kept": kept.num_rows,
+            "rejects": bad,
+            "question_tokens": pc.list_flatten(kept["question_tokens"]).to_pylist(),
+            "answer_tokens": pc.list_flatten(kept["answer_tokens"]).to_pylist(),
+            "lengths": kept["length"].to_pylist(),
+        }
+
+    def on_write_complete(self, write_result: WriteResult) -> None:
+        results = write_result.write_returns
+        rejects = sorted((r for res in results for r in res["rejects"]), key=lambda r: r["line"])
+        lines = [json.dumps({k: r[k] for k in ("id", "reason", "detail")}, ensure_ascii=False)
+                 for r in rejects]
+        storage.write_text(storage.join(self.output, "rejects.jsonl"), "".join(x + "\n" for x in lines))
+        kept = sum(res["kept"] for res in results)
+        answers = [n for res in results for n in res["answer_tokens"]]
+        tokens = {"sample_length": _quartiles([n for res in results for n in res["lengths"]])}
+        if self.plain:
+            tokens["caption"] = _quartiles(answers)
+        else:
+            tokens["question"] = _quartiles([n for res in results for n in res["question_tokens"]])
+            tokens["answer"] = _quartiles(answers)
+        self.manifest = {
+            "records_in": self.records_in,
+            "records_kept": kept,
+            "records_rejected": len(rejects),
+            "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+            "shards": sorted(res["shard"] for res in results if res["shard"]),
+            "tokens": tokens,
+            "config": self.run_config,
+        }
+        if kept + len(rejects) != self.records_in:
+            raise RuntimeError(f"accounting broke: {kept} kept + {len(rejects)} rejected "
+                               f"!= {self.records_in} records in")
+        storage.write_text(storage.join(self.output, "manifest.json"),
+                           json.dumps(self.manifest, ensure_ascii=False, indent=2))
+
+
+def _quartiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"count": 0}
+    q1, med, q3 = np.percentile(np.asarray(values), [25, 50, 75])
+    return {"count": len(values), "median": float(med), "q1": float(q1), "q3": float(q3),
+            "max": int(max(values))}

@@ -1,0 +1,116 @@
+"""Every input and output of medvl is a URI: a plain path, ``file://...`` or ``s3://...``.
+
+All I/O goes through one pyarrow filesystem per URI, so Ray Data, the training
+checkpoints and our own small files share a single code path. For S3 the endpoint comes
+from the standard ``AWS_ENDPOINT_URL`` (MinIO, a loopback test server, or unset for AWS)
+and credentials from the standard AWS variables, exactly as boto3 would read them.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 filesystem configured from the standard AWS environment variables."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Map a URI to ``(filesystem, path inside it)``."""
+    if is_s3(uri):
+        return s3_filesystem(), uri[len("s3://") :].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI, keeping its scheme."""
+    if is_s3(uri) or uri.startswith("file://"):
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://" + posixpath.join(rest.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files below a directory URI (recursive), as URIs with the same scheme, sorted."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    rels = sorted(
+        posixpath.relpath(i.path, path)
+        for i in infos
+        if i.type == pafs.FileType.File and i.path.endswith(suffix)
+    )
+    return [join(uri, r) for r in rels]
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def copy_dir_to_local(uri: str, local_dir: str) -> str:
+    """Mirror a directory URI into ``local_dir`` (a no-op for local URIs); return the local path.
+
+    Tokenizers and HF models load from local directories only, so an ``s3://`` one is
+    fetched once per process.
+    """
+    if not is_s3(uri):
+        return resolve(uri)[1]
+    for file_uri in list_files(uri):
+        rel = file_uri[len(uri.rstrip("/")) + 1 :]
+        target = os.path.join(local_dir, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(read_bytes(file_uri))
+    return local_dir

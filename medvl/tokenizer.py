@@ -1,0 +1,40 @@
+"""Load any HF tokenizer directory (local or ``s3://``) and give it the tokens LLaVA needs.
+
+The same function runs in preprocessing, training and serving, so the ``<image>`` and pad
+token ids always agree with the model's ``image_token_index`` and ``pad_token_id``.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from medvl import storage
+
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+
+
+def prepare(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Add ``<image>`` (and a pad token when missing) as special tokens, idempotently."""
+    extra = []
+    if IMAGE_TOKEN not in tok.get_vocab():
+        extra.append(IMAGE_TOKEN)
+    if tok.pad_token is None:
+        tok.pad_token = PAD_TOKEN
+    if extra:
+        tok.add_special_tokens({"additional_special_tokens": extra})
+    return tok
+
+
+@functools.lru_cache(maxsize=4)
+def load(uri: str) -> PreTrainedTokenizerBase:
+    """Tokenizer from a directory URI, cached per process (Ray tasks reuse workers)."""
+    local = storage.copy_dir_to_local(uri, tempfile.mkdtemp(prefix="medvl-tok-"))
+    return prepare(AutoTokenizer.from_pretrained(local))
+
+
+def image_token_id(tok: PreTrainedTokenizerBase) -> int:
+    return tok.convert_tokens_to_ids(IMAGE_TOKEN)

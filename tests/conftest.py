@@ -1,0 +1,107 @@
+"""Shared fixtures: a real loopback S3 server (moto), one local Ray cluster, demo data."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+# Local clusters in tests run without Ray's token auth (it breaks `ray job submit`).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto in server mode on 127.0.0.1, with the standard AWS variables pointing at it.
+
+    Set before Ray starts, so Ray workers inherit the same endpoint and credentials.
+    """
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="medvl-test")
+    yield "s3://medvl-test"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    from medvl.data.demo import build_demo_data
+
+    out = tmp_path_factory.mktemp("demo")
+    build_demo_data(str(out), variants=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(demo_dir):
+    """The demo's byte-level BPE (GPT/Qwen style)."""
+    from medvl.tokenizer import load
+
+    return load(str(demo_dir / "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer(tmp_path_factory, demo_dir):
+    """A sentencepiece-style (Metaspace, Llama-like) tokenizer trained on Chinese text."""
+    import json
+
+    from tokenizers import SentencePieceBPETokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from medvl.tokenizer import prepare
+
+    texts = [c["value"] for f in demo_dir.glob("*.jsonl") for line in f.read_text().splitlines()
+             for c in json.loads(line)["conversations"]]
+    texts += CHINESE_QA_TEXT
+    sp = SentencePieceBPETokenizer()
+    sp.normalizer = normalizers.Sequence([])  # like Llama: keep full-width punctuation
+    sp.train_from_iterator(texts + ["USER: ASSISTANT: A chat between"], vocab_size=800,
+                           special_tokens=["<unk>", "<s>", "</s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    out = tmp_path_factory.mktemp("spm")
+    tok.save_pretrained(out)
+    return prepare(PreTrainedTokenizerFast.from_pretrained(out))
+
+
+CHINESE_QA_TEXT = [
+    "患者胸部X线片显示右下肺野片状阴影，考虑肺炎。",
+    "这张CT图像中可见肝脏低密度病灶吗？",
+    "可见，肝右叶见一直径约2厘米的低密度结节，边界清楚。",
+    "磁共振T2加权像显示肩袖撕裂。",
+]

@@ -1,0 +1,105 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medvl.data import images
+from medvl.data.demo import find_dicom_files
+from medvl.data.dicom import dicom_to_rgb
+
+
+def llava_pad(img: Image.Image, size: int) -> np.ndarray:
+    """LLaVA's expand2square followed by a bicubic resize: the reference."""
+    w, h = img.size
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), images.PAD_COLOR)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return np.asarray(canvas.resize((size, size), images.RESAMPLE))
+
+
+@pytest.mark.parametrize("w,h", [(1841, 1955), (640, 480), (480, 640), (100, 37), (335, 333), (64, 64)])
+@pytest.mark.parametrize("size", [32, 336])
+def test_pad_matches_expand2square(w, h, size):
+    rng = np.random.default_rng(w * h)
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    ours = images.fit(img, size, "pad").astype(int)
+    diff = np.abs(ours - llava_pad(img, size).astype(int))
+    assert ours.shape == (size, size, 3)
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+def test_pad_colour_fills_the_border():
+    img = Image.new("RGB", (100, 20), (255, 0, 0))
+    out = images.fit(img, 50, "pad")
+    assert tuple(out[0, 0]) == images.PAD_COLOR and tuple(out[25, 25]) == (255, 0, 0)
+
+
+def test_crop_is_centre_crop():
+    arr = np.zeros((20, 60, 3), np.uint8)
+    arr[:, 20:40] = 255  # white centre third
+    out = images.fit(Image.fromarray(arr), 20, "crop")
+    assert out.shape == (20, 20, 3) and out.min() >= 250
+
+
+def _png(w, h) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (1, 2, 3)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_formats_and_guards():
+    spec = images.ImageSpec(size=16, max_pixels=10_000)
+    for fmt in ("JPEG", "PNG", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, 100, 50)).save(buf, fmt)
+        assert images.load_image(buf.getvalue(), f"x.{fmt.lower()}", spec).shape == (16, 16, 3)
+    with pytest.raises(images.ImageError) as e:
+        images.load_image(_png(200, 200), "big.png", spec)
+    assert e.value.reason == "image_too_large"
+    with pytest.raises(images.ImageError) as e:
+        images.load_image(_png(50, 50)[:60], "cut.png", spec)
+    assert e.value.reason == "corrupt_image"
+    with pytest.raises(images.ImageError) as e:
+        images.load_image(b"not an image at all", "x.jpg", spec)
+    assert e.value.reason == "corrupt_image"
+
+
+DICOM = find_dicom_files()
+
+
+@pytest.mark.parametrize("name, modality_shape", [
+    ("CT_small.dcm", (128, 128)), ("693_UNCI.dcm", (512, 512)),  # CT, rescale slope/intercept
+    ("MR_small.dcm", (64, 64)), ("MR2_UNCR.dcm", (1024, 1024)),  # MR
+    ("RG1_UNCR.dcm", (1955, 1841)), ("RG3_UNCI.dcm", (1760, 1760)),  # CR, MONOCHROME1
+    ("US1_UNCR.dcm", (480, 640)), ("OBXXXX1A.dcm", (600, 800)),  # US: RGB and palette
+    ("emri_small.dcm", (64, 64)), ("OBXXXX1A_2frame.dcm", (600, 800)),  # multi-frame
+    ("JPEG2000.dcm", (1024, 256)),  # NM, compressed
+])
+def test_dicom_decodes_to_rgb(name, modality_shape):
+    rgb = dicom_to_rgb(open(DICOM[name], "rb").read(), 10**8)
+    assert rgb.dtype == np.uint8 and rgb.shape == (*modality_shape, 3)
+    assert rgb.std() > 5  # a real picture, not a flat frame
+
+
+def test_monochrome1_is_inverted():
+    """A chest radiograph stored as MONOCHROME1: after inversion the body is bright."""
+    import pydicom
+
+    path = DICOM["RG1_UNCR.dcm"]
+    assert pydicom.dcmread(path).PhotometricInterpretation == "MONOCHROME1"
+    rgb = dicom_to_rgb(open(path, "rb").read(), 10**8)[..., 0].astype(float)
+    h, w = rgb.shape
+    centre = rgb[h // 3: 2 * h // 3, w // 3: 2 * w // 3].mean()
+    corner = np.concatenate([rgb[:50, :50].ravel(), rgb[:50, -50:].ravel()]).mean()
+    assert centre > corner + 40  # the mediastinum is brighter than the air outside
+
+
+def test_dicom_guards():
+    data = open(DICOM["RG1_UNCR.dcm"], "rb").read()
+    with pytest.raises(images.ImageError) as e:
+        dicom_to_rgb(data, max_pixels=1000)
+    assert e.value.reason == "image_too_large"
+    with pytest.raises(images.ImageError) as e:
+        dicom_to_rgb(data[:5000], max_pixels=10**8)
+    assert e.value.reason == "corrupt_image"
