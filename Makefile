@@ -22,7 +22,8 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/medvl demo-data --output demo-data
-	$(VENV)/bin/medvl preprocess --config workflows/configs/demo.yaml
+	$(VENV)/bin/medvl preprocess --config workflows/configs/demo.yaml --section preprocess_alignment
+	$(VENV)/bin/medvl preprocess --config workflows/configs/demo.yaml --section preprocess_instruction
 
 bench: setup
 	$(PY) benchmarks/preprocess.py

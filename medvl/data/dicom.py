@@ -41,7 +41,7 @@ def _monochrome(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
     gray = _to_uint8(x, lo, hi)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         gray = 255 - gray
-    return np.repeat(gray[..., None], 3, axis=-1)
+    return gray
 
 
 def _colour(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
@@ -58,6 +58,12 @@ def _colour(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
 
 def dicom_to_rgb(data: bytes, max_pixels: int) -> np.ndarray:
     """DICOM bytes -> uint8 HxWx3, raising ``ImageError`` for unusable files."""
+    arr = dicom_to_array(data, max_pixels)
+    return np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 2 else arr
+
+
+def dicom_to_array(data: bytes, max_pixels: int) -> np.ndarray:
+    """DICOM bytes -> uint8 HxW (monochrome) or HxWx3 (colour); ``ImageError`` if unusable."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         rows, cols = int(ds.Rows), int(ds.Columns)

@@ -41,11 +41,11 @@ def is_dicom(data: bytes, name: str = "") -> bool:
 
 
 def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """Bytes of any supported format -> RGB PIL image, or ``ImageError``."""
+    """Bytes of any supported format -> RGB or greyscale PIL image, or ``ImageError``."""
     if is_dicom(data, name):
-        from medvl.data.dicom import dicom_to_rgb
+        from medvl.data.dicom import dicom_to_array
 
-        return Image.fromarray(dicom_to_rgb(data, max_pixels))
+        return Image.fromarray(dicom_to_array(data, max_pixels))
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
@@ -53,7 +53,9 @@ def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
             raise ImageError("image_too_large", f"{w}x{h} pixels > max_pixels={max_pixels}")
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
-        img = img.convert("RGB")  # forces the full decode: truncated files fail here
+        # Greyscale stays one channel (4x less resampling work); the full decode runs
+        # here, so truncated files fail here.
+        img = img.convert("L" if img.mode in ("L", "I", "I;16", "1") else "RGB")
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -62,24 +64,27 @@ def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
 
 
 def fit(img: Image.Image, size: int, aspect: str) -> np.ndarray:
-    """Fit an RGB image into ``size x size`` exactly as LLaVA does, returning uint8 HWC.
+    """Fit an RGB or greyscale (``L``) image into ``size x size`` as LLaVA does; uint8 HWC RGB.
 
-    ``pad`` matches ``expand2square`` + CLIP's bicubic resize. Instead of first pasting
-    the image onto a full-size square canvas (a large copy for big radiographs), only a
-    band around the image with a margin wider than the filter's support is built and
-    resampled through ``box``; the rest of the square is the pad colour. Output pixels
-    are identical to the naive path because the filter never sees beyond the margin.
+    ``pad`` gives the pixels of ``expand2square`` + CLIP's bicubic resize without building
+    the full square canvas: only a band around the image, wider than the filter's reach,
+    is pasted onto the pad colour and resampled through ``box``; the rest of the square is
+    the pad colour. Square greyscale images (most DICOM) resample one channel, not four.
     """
     w, h = img.size
     if aspect == "crop":
         scale = size / min(w, h)
         rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((rw, rh), RESAMPLE)
         left, top = (rw - size) // 2, (rh - size) // 2
-        return np.asarray(img.crop((left, top, left + size, top + size)))
+        return _rgb(img.resize((rw, rh), RESAMPLE).crop((left, top, left + size, top + size)))
     if w == h:
-        return np.asarray(img.resize((size, size), RESAMPLE))
+        return _rgb(img.resize((size, size), RESAMPLE))
     return _pad_resize(img, size)
+
+
+def _rgb(img: Image.Image) -> np.ndarray:
+    arr = np.asarray(img)
+    return np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 2 else arr
 
 
 def _pad_resize(img: Image.Image, size: int) -> np.ndarray:
@@ -88,31 +93,37 @@ def _pad_resize(img: Image.Image, size: int) -> np.ndarray:
     vertical = w > h  # padding goes above/below (landscape) or left/right (portrait)
     short = h if vertical else w
     offset = (side - short) // 2  # expand2square's padding before the image
-    scale = side / size  # input pixels per output pixel
-    # Bicubic support (radius 2 input pixels), stretched by a downscale.
-    support = 2.0 * max(scale, 1.0)
-    # Every filter window of output lines r0..r1 lies inside the band: no edge clamping.
-    margin = int(np.ceil(2.5 * support + scale)) + 2
+    scale = side / size  # input pixels per output line
+    support = 2.0 * max(scale, 1.0)  # bicubic radius 2, stretched by a downscale
+    # Output lines whose filter window touches the image; the rest stay pad colour.
     r0 = max(0, int(np.floor((offset - support) / scale - 0.5)))
     r1 = min(size, int(np.ceil((offset + short + support) / scale + 0.5)))
-    start = max(0, offset - margin)
-    extent = min(side, offset + short + margin) - start
-    lo, hi = r0 * scale - start, r1 * scale - start
-    if vertical:
-        band = Image.new("RGB", (w, extent), PAD_COLOR)
-        band.paste(img, (0, offset - start))
-        part = band.resize((size, r1 - r0), RESAMPLE, box=(0.0, lo, float(w), hi))
-    else:
-        band = Image.new("RGB", (extent, h), PAD_COLOR)
-        band.paste(img, (offset - start, 0))
-        part = band.resize((r1 - r0, size), RESAMPLE, box=(lo, 0.0, hi, float(h)))
+    margin = int(np.ceil(2.5 * support + scale)) + 2  # every window of r0..r1 fits the band
+    c0, c1 = max(0, offset - margin), min(side, offset + short + margin)
     out = np.empty((size, size, 3), np.uint8)
     out[:] = PAD_COLOR
-    if vertical:
-        out[r0:r1] = np.asarray(part)
-    else:
-        out[:, r0:r1] = np.asarray(part)
+    view = out if vertical else out.transpose(1, 0, 2)  # lines along axis 0
+    view[r0:r1] = _lines(_band(img, vertical, c0, c1, offset), vertical, r0, r1, c0, scale, size)
     return out
+
+
+def _band(img: Image.Image, vertical: bool, c0: int, c1: int, offset: int) -> Image.Image:
+    """Canvas coordinates [c0, c1) along the padded axis: pad colour with the image pasted in."""
+    w, h = img.size
+    band = Image.new("RGB", (w, c1 - c0) if vertical else (c1 - c0, h), PAD_COLOR)
+    band.paste(img, (0, offset - c0) if vertical else (offset - c0, 0))
+    return band
+
+
+def _lines(src: Image.Image, vertical: bool, lo: int, hi: int, start: float, scale: float,
+           size: int) -> np.ndarray:
+    """Output lines [lo, hi) resampled from ``src``, whose first line is canvas coord ``start``."""
+    a, b = lo * scale - start, hi * scale - start
+    if vertical:
+        part = src.resize((size, hi - lo), RESAMPLE, box=(0.0, a, float(src.width), b))
+        return _rgb(part)
+    part = src.resize((hi - lo, size), RESAMPLE, box=(a, 0.0, b, float(src.height)))
+    return _rgb(part).transpose(1, 0, 2)
 
 
 def load_image(data: bytes, name: str, spec: ImageSpec) -> np.ndarray:

@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ DICOM = find_dicom_files()
     ("JPEG2000.dcm", (1024, 256)),  # NM, compressed
 ])
 def test_dicom_decodes_to_rgb(name, modality_shape):
-    rgb = dicom_to_rgb(open(DICOM[name], "rb").read(), 10**8)
+    rgb = dicom_to_rgb(Path(DICOM[name]).read_bytes(), 10**8)
     assert rgb.dtype == np.uint8 and rgb.shape == (*modality_shape, 3)
     assert rgb.std() > 5  # a real picture, not a flat frame
 
@@ -88,7 +89,7 @@ def test_monochrome1_is_inverted():
 
     path = DICOM["RG1_UNCR.dcm"]
     assert pydicom.dcmread(path).PhotometricInterpretation == "MONOCHROME1"
-    rgb = dicom_to_rgb(open(path, "rb").read(), 10**8)[..., 0].astype(float)
+    rgb = dicom_to_rgb(Path(path).read_bytes(), 10**8)[..., 0].astype(float)
     h, w = rgb.shape
     centre = rgb[h // 3: 2 * h // 3, w // 3: 2 * w // 3].mean()
     corner = np.concatenate([rgb[:50, :50].ravel(), rgb[:50, -50:].ravel()]).mean()
@@ -96,7 +97,7 @@ def test_monochrome1_is_inverted():
 
 
 def test_dicom_guards():
-    data = open(DICOM["RG1_UNCR.dcm"], "rb").read()
+    data = Path(DICOM["RG1_UNCR.dcm"]).read_bytes()
     with pytest.raises(images.ImageError) as e:
         dicom_to_rgb(data, max_pixels=1000)
     assert e.value.reason == "image_too_large"

@@ -1,0 +1,126 @@
+"""Build the model: plain HF ``LlavaForConditionalGeneration``, so checkpoints open in
+transformers and vLLM unchanged.
+
+Two ways in: from a vision-tower directory and an LLM directory (real weights, local or
+``s3://``), or from a tiny preset (random init, built from configs) for tests and the CPU
+demo, since no weights can be downloaded here. Either way the vision feature layer is -2
+with CLS dropped (Qilin-Med-VL / LLaVA-1.5), the projector is ``mlp2x_gelu``, and the
+``<image>`` and pad tokens are added to the tokenizer and the embeddings.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerBase,
+)
+
+from medvl import storage
+from medvl.data.images import CLIP_MEAN, CLIP_STD
+from medvl.tokenizer import image_token_id
+
+
+@dataclass(frozen=True)
+class TinyPreset:
+    """Shapes of a random-init model small enough to train on 2 CPU cores."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    text_hidden: int = 128
+    text_layers: int = 2
+    heads: int = 4
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def _llava_config(vision: CLIPVisionConfig, text, tok: PreTrainedTokenizerBase) -> LlavaConfig:
+    num_tokens = (vision.image_size // vision.patch_size) ** 2
+    text.vocab_size = len(tok)
+    text.pad_token_id = tok.pad_token_id
+    text.bos_token_id, text.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_id(tok),
+        image_seq_length=num_tokens, projector_hidden_act="gelu",
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
+
+
+def build_tiny(tok: PreTrainedTokenizerBase, preset: TinyPreset = TinyPreset(), seed: int = 0
+               ) -> LlavaForConditionalGeneration:
+    """A random-init LLaVA (CLIP ViT + mlp2x_gelu + Llama) sized by ``preset``."""
+    vision = CLIPVisionConfig(
+        hidden_size=preset.vision_hidden, intermediate_size=2 * preset.vision_hidden,
+        num_hidden_layers=preset.vision_layers, num_attention_heads=preset.heads,
+        image_size=preset.image_size, patch_size=preset.patch_size, projection_dim=preset.vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=preset.text_hidden, intermediate_size=2 * preset.text_hidden,
+        num_hidden_layers=preset.text_layers, num_attention_heads=preset.heads,
+        num_key_value_heads=preset.heads, max_position_embeddings=1024,
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(_llava_config(vision, text, tok)).eval()
+
+
+def build_from_pretrained(vision_uri: str, llm_uri: str, tok: PreTrainedTokenizerBase,
+                          dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
+    """Real weights: a CLIP vision tower + a Llama/Qwen2 LLM, a fresh projector between them."""
+    vision_dir = storage.copy_dir_to_local(vision_uri, tempfile.mkdtemp(prefix="medvl-vit-"))
+    llm_dir = storage.copy_dir_to_local(llm_uri, tempfile.mkdtemp(prefix="medvl-llm-"))
+    vision_cfg = AutoConfig.from_pretrained(vision_dir)
+    vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)  # full CLIP dir or vision-only
+    model = LlavaForConditionalGeneration(_llava_config(vision_cfg, AutoConfig.from_pretrained(llm_dir), tok))
+    model.model.vision_tower = CLIPVisionModel.from_pretrained(vision_dir, config=vision_cfg, dtype=dtype)
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+    llm.resize_token_embeddings(len(tok))
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    return model.to(dtype)
+
+
+def processor_for(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase) -> LlavaProcessor:
+    """The HF processor saved beside the weights, so transformers/vLLM prepare inputs like we do."""
+    vision = model.config.vision_config
+    size = vision.image_size
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    )
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=vision.patch_size,
+                          vision_feature_select_strategy="default")
+
+
+def save_hf(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase, uri: str) -> None:
+    """``save_pretrained`` (safetensors only) + tokenizer + processor, to a local or s3:// URI."""
+    with tempfile.TemporaryDirectory(prefix="medvl-hf-") as tmp:
+        local = tmp if storage.is_s3(uri) else storage.resolve(uri)[1]
+        model.save_pretrained(local, safe_serialization=True)
+        processor_for(model, tok).save_pretrained(local)
+        if storage.is_s3(uri):
+            import os
+
+            for name in os.listdir(local):
+                with open(os.path.join(local, name), "rb") as f:
+                    storage.write_bytes(storage.join(uri, name), f.read())
+
+
+def load_hf(uri: str, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
+    """Load an exported model directory (local or ``s3://``); safetensors only."""
+    local = storage.copy_dir_to_local(uri, tempfile.mkdtemp(prefix="medvl-hf-"))
+    return LlavaForConditionalGeneration.from_pretrained(local, dtype=dtype, use_safetensors=True).eval()

@@ -1,0 +1,179 @@
+"""Batched generation for a LLaVA model: left padding, per-request sampling and stops.
+
+``generate_batch`` is a generator yielding, after every decoding step, one text delta per
+request (``None`` once a request has finished), so the same loop serves streaming and
+non-streaming calls and a Serve batch of both. Deltas are UTF-8 safe: a Chinese
+character split across byte-level tokens is held back until it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medvl.data import templates
+from medvl.data.images import ImageSpec, load_image, normalize
+from medvl.data.tokenize import encode_segments
+from medvl.model.build import load_hf
+from medvl.tokenizer import load as load_tokenizer
+
+META_FILE = "medvl.json"  # template and image settings written beside an exported model
+
+
+@dataclass
+class Request:
+    turns: list[tuple[str, str | None]]  # last answer None: the turn to generate
+    image: bytes | None = None
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class IncrementalDecoder:
+    """Turn a growing list of token ids into text deltas that never split a character."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+
+class Engine:
+    """One model + tokenizer + template, loaded once per Serve replica."""
+
+    def __init__(self, model_uri: str):
+        self.model = load_hf(model_uri)
+        self.tok = load_tokenizer(model_uri)
+        meta = _read_meta(self.model, model_uri)
+        self.template = templates.get(meta["template"])
+        self.spec = ImageSpec(size=meta["image_size"], aspect=meta["aspect"])
+        self.num_image_tokens = self.model.config.image_seq_length
+
+    def encode(self, req: Request) -> tuple[list[int], np.ndarray | None]:
+        """Prompt ids (built by the training code path) and uint8 pixels."""
+        segs = templates.render(req.turns, self.template)
+        ids = encode_segments(segs, self.tok, self.num_image_tokens).input_ids
+        pixels = load_image(req.image, "upload", self.spec) if req.image is not None else None
+        return ids, pixels
+
+    @torch.inference_mode()
+    def generate_batch(self, reqs: list[Request]) -> Iterator[list[str | None]]:
+        """Decode all requests together; yield per-step deltas. Results via ``self.results``."""
+        encoded = [self.encode(r) for r in reqs]
+        ids, mask, pixels, has_image = self._collate(encoded)
+        gens = [torch.Generator().manual_seed(r.seed if r.seed is not None else 0) for r in reqs]
+        decoders = [IncrementalDecoder(self.tok) for _ in reqs]
+        done = [False] * len(reqs)
+        texts = [""] * len(reqs)
+        self.results: list[Result | None] = [None] * len(reqs)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         pixel_values=pixels if has_image else None, use_cache=True)
+        cache, step = out.past_key_values, 0
+        logits = out.logits[:, -1]
+        while True:
+            next_ids = [self._sample(logits[i], reqs[i], gens[i]) for i in range(len(reqs))]
+            deltas: list[str | None] = []
+            for i, (r, t) in enumerate(zip(reqs, next_ids, strict=True)):
+                if done[i]:
+                    deltas.append(None)
+                    continue
+                delta, reason = self._advance(i, r, t, decoders[i], texts, step)
+                deltas.append(delta)
+                if reason:
+                    done[i] = True
+                    self.results[i] = Result(texts[i], reason, len(encoded[i][0]), step + 1)
+            yield deltas
+            step += 1
+            if all(done):
+                return
+            mask = torch.cat([mask, torch.ones(len(reqs), 1, dtype=mask.dtype)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(input_ids=torch.tensor(next_ids)[:, None], attention_mask=mask,
+                             position_ids=positions, past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+
+    def _advance(self, i, r: Request, token: int, dec: IncrementalDecoder, texts, step):
+        """Append one token to request ``i``; return (delta, finish reason or None)."""
+        if token == self.tok.eos_token_id or token in self.template_stop_ids:
+            return "", "stop"
+        delta = dec.push(token)
+        texts[i] += delta
+        for s in r.stop:
+            cut = texts[i].find(s)
+            if cut >= 0:
+                delta = delta[: max(0, len(delta) - (len(texts[i]) - cut))]
+                texts[i] = texts[i][:cut]
+                return delta, "stop"
+        return delta, ("length" if step + 1 >= r.max_tokens else None)
+
+    @property
+    def template_stop_ids(self) -> set[int]:
+        end = self.template.answer_end
+        return {self.tok.convert_tokens_to_ids(end)} if end else set()
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, r: Request, gen: torch.Generator) -> int:
+        if r.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / r.temperature, dim=-1)
+        if r.top_p < 1.0:
+            sorted_p, idx = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < r.top_p
+            probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    def _collate(self, encoded):
+        width = max(len(ids) for ids, _ in encoded)
+        pad = self.tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x, _ in encoded])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x, _ in encoded])
+        size = self.spec.size
+        blank = np.zeros((size, size, 3), np.uint8)
+        pix = np.stack([p if p is not None else blank for _, p in encoded])
+        has_image = any(p is not None for _, p in encoded)
+        return ids, mask, torch.from_numpy(normalize(pix)), has_image
+
+
+def _read_meta(model, uri: str) -> dict:
+    """Template and image settings saved with the model (defaults: Qilin-Med-VL's)."""
+    from medvl import storage
+
+    meta = {"template": "v1", "aspect": "pad", "image_size": model.config.vision_config.image_size}
+    path = storage.join(uri, META_FILE)
+    if storage.exists(path):
+        meta.update(json.loads(storage.read_text(path)))
+    return meta
+
+
+def write_meta(uri: str, template: str, aspect: str, image_size: int) -> None:
+    from medvl import storage
+
+    storage.write_text(storage.join(uri, META_FILE), json.dumps(
+        {"template": template, "aspect": aspect, "image_size": image_size}, indent=2))
+
+
+__all__ = ["Engine", "Request", "Result", "IncrementalDecoder", "write_meta", "os"]
