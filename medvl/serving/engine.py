@@ -9,13 +9,13 @@ character split across byte-level tokens is held back until it is complete.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from medvl import storage
 from medvl.data import templates
 from medvl.data.images import ImageSpec, load_image, normalize
 from medvl.data.tokenize import encode_segments
@@ -113,7 +113,7 @@ class Engine:
             mask = torch.cat([mask, torch.ones(len(reqs), 1, dtype=mask.dtype)], dim=1)
             positions = positions[:, -1:] + 1
             out = self.model(input_ids=torch.tensor(next_ids)[:, None], attention_mask=mask,
-                             position_ids=positions, past_key_values=cache, use_cache=True)
+                             position_ids=positions, cache=cache, use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1]
 
     def _advance(self, i, r: Request, token: int, dec: IncrementalDecoder, texts, step):
@@ -160,8 +160,6 @@ class Engine:
 
 def _read_meta(model, uri: str) -> dict:
     """Template and image settings saved with the model (defaults: Qilin-Med-VL's)."""
-    from medvl import storage
-
     meta = {"template": "v1", "aspect": "pad", "image_size": model.config.vision_config.image_size}
     path = storage.join(uri, META_FILE)
     if storage.exists(path):
@@ -170,10 +168,6 @@ def _read_meta(model, uri: str) -> dict:
 
 
 def write_meta(uri: str, template: str, aspect: str, image_size: int) -> None:
-    from medvl import storage
-
     storage.write_text(storage.join(uri, META_FILE), json.dumps(
         {"template": template, "aspect": aspect, "image_size": image_size}, indent=2))
 
-
-__all__ = ["Engine", "Request", "Result", "IncrementalDecoder", "write_meta", "os"]
