@@ -23,7 +23,9 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         tp = typing.get_type_hints(cls)[f.name]
         choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
-        kind = None if choices else (tp if tp in (int, float, str) else None)
+        if not choices and tp not in (int, float, str):
+            continue  # lists and mappings: YAML or key=value overrides
+        kind = None if choices else tp
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, choices=choices,
                        default=None, help=f"{f.metadata.get('help', '')} (default: {f.default!r})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides")
@@ -31,7 +33,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
 
 def _config_from_args(cls: type, args: argparse.Namespace) -> Any:
     flags = [f"{f.name}={getattr(args, f.name)}" for f in dataclasses.fields(cls)
-             if getattr(args, f.name) is not None]
+             if getattr(args, f.name, None) is not None]
     return config.load(cls, args.config, flags + list(args.overrides), section=args.section)
 
 
@@ -50,8 +52,20 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
     print(json.dumps(build_demo_data(args.output, args.variants, args.seed), indent=2))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from medvl.serving.api import ServeConfig
+    from medvl.serving.app import run_local
+
+    cfg = _config_from_args(ServeConfig, args)
+    if not cfg.model:
+        raise ValueError("serve: --model is required")
+    print(f"serving {cfg.model} as {cfg.model_name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
+    run_local(cfg, args.host, args.port, blocking=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medvl.data.preprocess import PreprocessConfig
+    from medvl.serving.api import ServeConfig
 
     parser = argparse.ArgumentParser(prog="medvl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
          cmd_preprocess, PreprocessConfig),
         ("demo-data", "build the demo corpus from real DICOM files that install offline",
          cmd_demo_data, None),
+        ("serve", "serve an exported model behind an OpenAI-compatible endpoint (Ray Serve)",
+         cmd_serve, ServeConfig),
     ]
     for name, help_, fn, cls in commands:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -71,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", required=True, help="directory to write the corpus to")
     demo.add_argument("--variants", type=int, default=10, help="augmented copies per training image")
     demo.add_argument("--seed", type=int, default=0, help="augmentation seed")
+    srv = sub.choices["serve"]
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port")
     return parser
 
 

@@ -6,7 +6,7 @@ import pytest
 from medvl.cli import build_parser, main
 
 
-@pytest.mark.parametrize("cmd", [[], ["preprocess"], ["demo-data"]])
+@pytest.mark.parametrize("cmd", [[], ["preprocess"], ["demo-data"], ["serve"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])

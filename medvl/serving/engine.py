@@ -1,6 +1,6 @@
 """Batched generation for a LLaVA model: left padding, per-request sampling and stops.
 
-``generate_batch`` is a generator yielding, after every decoding step, one text delta per
+``generate_batch`` is a generator yielding, after every decoding step, one ``Chunk`` per
 request (``None`` once a request has finished), so the same loop serves streaming and
 non-streaming calls and a Serve batch of both. Deltas are UTF-8 safe: a Chinese
 character split across byte-level tokens is held back until it is complete.
@@ -37,11 +37,26 @@ class Request:
 
 
 @dataclass
+class Prepared:
+    """A request with its prompt ids and pixels, validated before it joins a batch."""
+
+    req: Request
+    ids: list[int]
+    pixels: np.ndarray | None
+
+
+@dataclass
 class Result:
     text: str
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass
+class Chunk:
+    delta: str
+    result: Result | None = None  # set on a request's last chunk
 
 
 class IncrementalDecoder:
@@ -51,6 +66,12 @@ class IncrementalDecoder:
         self.tok = tok
         self.ids: list[int] = []
         self.emitted = ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (a sequence cut mid-character ends as U+FFFD)."""
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -72,41 +93,40 @@ class Engine:
         self.spec = ImageSpec(size=meta["image_size"], aspect=meta["aspect"])
         self.num_image_tokens = self.model.config.image_seq_length
 
-    def encode(self, req: Request) -> tuple[list[int], np.ndarray | None]:
-        """Prompt ids (built by the training code path) and uint8 pixels."""
+    def prepare(self, req: Request, max_pixels: int = 50_000_000) -> Prepared:
+        """Prompt ids (built by the training code path) and uint8 pixels; ``ImageError`` if bad."""
         segs = templates.render(req.turns, self.template)
         ids = encode_segments(segs, self.tok, self.num_image_tokens).input_ids
-        pixels = load_image(req.image, "upload", self.spec) if req.image is not None else None
-        return ids, pixels
+        spec = ImageSpec(self.spec.size, self.spec.aspect, max_pixels)
+        pixels = load_image(req.image, "upload", spec) if req.image is not None else None
+        return Prepared(req, ids, pixels)
 
     @torch.inference_mode()
-    def generate_batch(self, reqs: list[Request]) -> Iterator[list[str | None]]:
-        """Decode all requests together; yield per-step deltas. Results via ``self.results``."""
-        encoded = [self.encode(r) for r in reqs]
-        ids, mask, pixels, has_image = self._collate(encoded)
+    def generate_batch(self, batch: list[Prepared]) -> Iterator[list[Chunk | None]]:
+        """Decode all requests together, yielding one chunk per unfinished request per step."""
+        reqs = [p.req for p in batch]
+        ids, mask, pixels = self._collate(batch)
         gens = [torch.Generator().manual_seed(r.seed if r.seed is not None else 0) for r in reqs]
         decoders = [IncrementalDecoder(self.tok) for _ in reqs]
         done = [False] * len(reqs)
         texts = [""] * len(reqs)
-        self.results: list[Result | None] = [None] * len(reqs)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         pixel_values=pixels if has_image else None, use_cache=True)
+                         pixel_values=pixels, use_cache=True)
         cache, step = out.past_key_values, 0
         logits = out.logits[:, -1]
         while True:
             next_ids = [self._sample(logits[i], reqs[i], gens[i]) for i in range(len(reqs))]
-            deltas: list[str | None] = []
+            chunks: list[Chunk | None] = []
             for i, (r, t) in enumerate(zip(reqs, next_ids, strict=True)):
                 if done[i]:
-                    deltas.append(None)
+                    chunks.append(None)
                     continue
                 delta, reason = self._advance(i, r, t, decoders[i], texts, step)
-                deltas.append(delta)
-                if reason:
-                    done[i] = True
-                    self.results[i] = Result(texts[i], reason, len(encoded[i][0]), step + 1)
-            yield deltas
+                done[i] = reason is not None
+                result = Result(texts[i], reason, len(batch[i].ids), step + 1) if reason else None
+                chunks.append(Chunk(delta, result))
+            yield chunks
             step += 1
             if all(done):
                 return
@@ -119,8 +139,12 @@ class Engine:
     def _advance(self, i, r: Request, token: int, dec: IncrementalDecoder, texts, step):
         """Append one token to request ``i``; return (delta, finish reason or None)."""
         if token == self.tok.eos_token_id or token in self.template_stop_ids:
-            return "", "stop"
+            delta = dec.flush()
+            texts[i] += delta
+            return delta, "stop"
         delta = dec.push(token)
+        if step + 1 >= r.max_tokens:
+            delta += dec.flush()
         texts[i] += delta
         for s in r.stop:
             cut = texts[i].find(s)
@@ -146,16 +170,17 @@ class Engine:
             probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=gen))
 
-    def _collate(self, encoded):
-        width = max(len(ids) for ids, _ in encoded)
+    def _collate(self, batch: list[Prepared]):
+        """Left-pad prompts (generation appends on the right); stack pixels."""
+        width = max(len(p.ids) for p in batch)
         pad = self.tok.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(x)) + x for x, _ in encoded])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x, _ in encoded])
-        size = self.spec.size
-        blank = np.zeros((size, size, 3), np.uint8)
-        pix = np.stack([p if p is not None else blank for _, p in encoded])
-        has_image = any(p is not None for _, p in encoded)
-        return ids, mask, torch.from_numpy(normalize(pix)), has_image
+        ids = torch.tensor([[pad] * (width - len(p.ids)) + p.ids for p in batch])
+        mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in batch])
+        # LLaVA fills image-token positions with image features in order: only rows that
+        # have an image contribute pixels.
+        images = [p.pixels for p in batch if p.pixels is not None]
+        pixels = torch.from_numpy(normalize(np.stack(images))) if images else None
+        return ids, mask, pixels
 
 
 def _read_meta(model, uri: str) -> dict:

@@ -35,11 +35,13 @@ def test_chinese_split_across_byte_tokens_is_never_broken(bpe_tokenizer):
 
 
 def _run(engine, reqs):
-    streamed = [""] * len(reqs)
-    for step in engine.generate_batch(reqs):
-        for i, d in enumerate(step):
-            streamed[i] += d or ""
-    return streamed, engine.results
+    streamed, results = [""] * len(reqs), [None] * len(reqs)
+    for step in engine.generate_batch([engine.prepare(r) for r in reqs]):
+        for i, chunk in enumerate(step):
+            if chunk is not None:
+                streamed[i] += chunk.delta
+                results[i] = chunk.result or results[i]
+    return streamed, results
 
 
 def test_batch_equals_single_and_stream_equals_result(engine):
@@ -51,6 +53,13 @@ def test_batch_equals_single_and_stream_equals_result(engine):
         assert r.finish_reason in ("stop", "length") and r.prompt_tokens > 16
     alone, alone_results = _run(engine, [a])
     assert alone[0] == streamed[0] and alone_results[0].completion_tokens == results[0].completion_tokens
+
+
+def test_text_only_and_image_requests_share_a_batch(engine):
+    a = Request(turns=[("<image>\n这是什么检查？", None)], image=_png(), max_tokens=4)
+    b = Request(turns=[("你好", None)], max_tokens=4)
+    streamed, results = _run(engine, [b, a])
+    assert streamed[1] == _run(engine, [a])[0][0] and all(results)
 
 
 def test_seeded_sampling_is_reproducible(engine):

@@ -1,0 +1,163 @@
+"""OpenAI's chat-completions wire format: request models, validation and error bodies.
+
+Everything a client can get wrong becomes an ``APIError`` with a 4xx status and OpenAI's
+``{"error": {"message", "type", "code"}}`` body, raised before the model is touched, so a
+bad request can never take a replica down.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, Field
+
+from medvl.data.templates import IMAGE
+from medvl.serving.engine import Request, Result
+
+
+@dataclass
+class ServeConfig:
+    """Serving settings; every field can be set in ``serve/config.yaml``."""
+
+    model: str = field(default="", metadata={"help": "exported HF model directory (URI)"})
+    model_name: str = field(default="medvl", metadata={"help": "id clients pass as `model`"})
+    backend: Literal["medvl", "vllm"] = field(default="medvl", metadata={"help": "medvl (CPU/GPU, ours) or vllm (GPU, ray.serve.llm)"})
+    max_body_bytes: int = field(default=20_000_000, metadata={"help": "largest request body"})
+    max_image_bytes: int = field(default=10_000_000, metadata={"help": "largest decoded image payload"})
+    max_image_pixels: int = field(default=50_000_000, metadata={"help": "pixel-bomb guard"})
+    max_prompt_tokens: int = field(default=2048, metadata={"help": "longest prompt, image included"})
+    max_tokens_cap: int = field(default=512, metadata={"help": "upper bound on a request's max_tokens"})
+    max_batch_size: int = field(default=8, metadata={"help": "dynamic batching: requests per forward"})
+    batch_wait_timeout_s: float = field(default=0.02, metadata={"help": "dynamic batching: wait to fill a batch"})
+    api_keys_env: str = field(default="MEDVL_API_KEYS", metadata={"help": "env var with comma-separated API keys"})
+    api_key_file: str = field(default="", metadata={"help": "file with one API key per line"})
+    allowed_image_hosts: list[str] = field(default_factory=list, metadata={"help": "hosts http(s) image URLs may come from"})
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+
+# --- request models (also the /openapi.json schema) -------------------------------------
+class ImageURL(BaseModel):
+    url: str
+
+
+class ContentPart(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class ChatCompletionRequest(BaseModel):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+
+DATA_URI = re.compile(r"^data:(?P<mime>[\w/.+-]+)?(;[\w=.-]+)*;base64,(?P<data>.*)$", re.S)
+
+
+def image_bytes(url: str, cfg: ServeConfig) -> bytes:
+    """A ``data:`` URI's payload; remote URLs only from allow-listed hosts (no SSRF)."""
+    m = DATA_URI.match(url)
+    if m is None:
+        host = urlparse(url).hostname or ""
+        if urlparse(url).scheme in ("http", "https") and host in cfg.allowed_image_hosts:
+            return _fetch(url, cfg.max_image_bytes)
+        raise APIError(400, "image_url must be a data:...;base64 URI (remote URLs are not allowed)",
+                       code="invalid_image_url")
+    if len(m["data"]) * 3 // 4 > cfg.max_image_bytes:
+        raise APIError(413, f"image larger than {cfg.max_image_bytes} bytes", code="image_too_large")
+    try:
+        return base64.b64decode(m["data"], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise APIError(400, f"image_url is not valid base64: {e}", code="invalid_base64") from e
+
+
+def _fetch(url: str, limit: int) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - host is allow-listed
+        data = r.read(limit + 1)
+    if len(data) > limit:
+        raise APIError(413, f"image larger than {limit} bytes", code="image_too_large")
+    return data
+
+
+def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
+    """Messages -> (question, answer) turns for the template, plus the single image."""
+    if req.model != cfg.model_name:
+        raise APIError(404, f"model {req.model!r} does not exist; this server has {cfg.model_name!r}",
+                       code="model_not_found")
+    image: bytes | None = None
+    turns: list[tuple[str, str | None]] = []
+    question: list[str] = []
+    for msg in req.messages:
+        if msg.role == "system":
+            continue  # the template carries the system prompt the model was trained with
+        parts = [ContentPart(type="text", text=msg.content)] if isinstance(msg.content, str) else msg.content
+        text = ""
+        for part in parts:
+            if part.type == "text":
+                text += part.text or ""
+            elif msg.role != "user" or part.image_url is None or image is not None:
+                raise APIError(400, "exactly one image_url part, in a user message, is supported")
+            else:
+                image = image_bytes(part.image_url.url, cfg)
+        # A literal "<image>" typed by a user must not become image tokens.
+        text = text.replace(IMAGE, "")
+        if msg.role == "user":
+            question.append(text)
+        elif question:
+            turns.append(("\n".join(question), text))
+            question = []
+    if not question:
+        raise APIError(400, "the last message must come from the user")
+    turns.append(("\n".join(question), None))
+    if image is not None:  # training puts <image> at the start of the first human turn
+        turns[0] = (f"{IMAGE}\n{turns[0][0]}", turns[0][1])
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return Request(turns=turns, image=image, max_tokens=min(req.max_tokens or cfg.max_tokens_cap,
+                                                            cfg.max_tokens_cap),
+                   temperature=req.temperature, top_p=req.top_p, stop=stop, seed=req.seed)
+
+
+# --- responses ---------------------------------------------------------------------------
+def completion_body(result: Result, model: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": result.finish_reason}],
+        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                  "total_tokens": result.prompt_tokens + result.completion_tokens},
+    }
+
+
+def chunk_body(cid: str, model: str, delta: dict, finish_reason: str | None) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}

@@ -1,0 +1,156 @@
+"""The Ray Serve application: an OpenAI-compatible chat endpoint for an exported model.
+
+``build_app(args)`` is a Serve application builder, so the same code runs from
+``serve run serve/config.yaml``, ``serve deploy`` and ``medvl serve``. Requests are
+validated and encoded in the HTTP handler (bad input never reaches a batch), then joined
+into dynamic batches by ``@serve.batch``; one decoding loop streams every request of a
+batch at once.
+"""
+
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from medvl import config
+from medvl.data.images import ImageError
+from medvl.serving.api import (
+    APIError,
+    ChatCompletionRequest,
+    ServeConfig,
+    chunk_body,
+    completion_body,
+    to_engine_request,
+)
+from medvl.serving.engine import Chunk, Engine, Prepared
+
+api = FastAPI(title="medvl", description="OpenAI-compatible multimodal chat for medical images")
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0] if e.errors() else {}
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    msg = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid")
+    return JSONResponse(APIError(400, msg, code="invalid_request").body(), status_code=400)
+
+
+def load_api_keys(cfg: ServeConfig) -> set[str]:
+    keys = {k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()}
+    if cfg.api_key_file:
+        with open(cfg.api_key_file, encoding="utf-8") as f:
+            keys |= {line.strip() for line in f if line.strip()}
+    return keys
+
+
+@serve.deployment(name="MedVLChat", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class ChatDeployment:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.engine = Engine(cfg.model)
+        self.keys = load_api_keys(cfg)
+        self._generate.set_max_batch_size(cfg.max_batch_size)
+        self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    def _check(self, request: Request, body_len: int) -> None:
+        if self.keys:
+            auth = request.headers.get("authorization", "")
+            if not auth.startswith("Bearer ") or auth[len("Bearer "):] not in self.keys:
+                raise APIError(401, "missing or invalid API key", "authentication_error", "invalid_api_key")
+        if body_len > self.cfg.max_body_bytes:
+            raise APIError(413, f"request body larger than {self.cfg.max_body_bytes} bytes",
+                           code="request_too_large")
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._check(request, 0)
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model",
+                                            "owned_by": "medvl"}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        raw = await request.body()
+        self._check(request, len(raw))
+        try:
+            body = ChatCompletionRequest.model_validate_json(raw)
+        except ValueError as e:  # pydantic.ValidationError is a ValueError; so is bad JSON
+            errors = getattr(e, "errors", lambda: [])()
+            raise RequestValidationError(errors or [{"msg": str(e)}]) from e
+        prepared = self._prepare(body)
+        chunks = self._generate(prepared)
+        if body.stream:
+            return StreamingResponse(self._sse(chunks), media_type="text/event-stream")
+        async for chunk in chunks:
+            if chunk.result is not None:
+                return completion_body(chunk.result, self.cfg.model_name)
+        raise APIError(500, "generation ended without a result", "server_error")
+
+    def _prepare(self, body: ChatCompletionRequest) -> Prepared:
+        req = to_engine_request(body, self.cfg)
+        try:
+            prepared = self.engine.prepare(req, self.cfg.max_image_pixels)
+        except ImageError as e:
+            status = 413 if e.reason == "image_too_large" else 400
+            raise APIError(status, f"image rejected: {e.detail}", code=e.reason) from e
+        if len(prepared.ids) > self.cfg.max_prompt_tokens:
+            raise APIError(400, f"prompt is {len(prepared.ids)} tokens, more than "
+                                f"{self.cfg.max_prompt_tokens}", code="context_length_exceeded")
+        return prepared
+
+    async def _sse(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
+        cid, model = f"chatcmpl-{uuid.uuid4().hex}", self.cfg.model_name
+        first = chunk_body(cid, model, {"role": "assistant", "content": ""}, None)
+        yield f"data: {json.dumps(first, ensure_ascii=False)}\n\n"
+        async for chunk in chunks:
+            if chunk.delta:
+                body = chunk_body(cid, model, {"content": chunk.delta}, None)
+                yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            if chunk.result is not None:
+                body = chunk_body(cid, model, {}, chunk.result.finish_reason)
+                yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _generate(self, batch: list[Prepared]) -> AsyncIterator[list[Chunk | type]]:
+        """One decoding loop for the whole batch; a finished request gets StopIteration."""
+        for step in self.engine.generate_batch(batch):
+            yield [c if c is not None else StopIteration for c in step]
+
+
+def build_app(args: dict) -> serve.Application:
+    """Serve application builder: ``args`` are ``ServeConfig`` fields (see serve/config.yaml)."""
+    cfg = config.from_dict(ServeConfig, dict(args))
+    if not cfg.model:
+        raise ValueError("serve: `model` (an exported HF model directory URI) is required")
+    if cfg.backend == "vllm":
+        from medvl.serving.vllm import build_vllm_app
+
+        return build_vllm_app(cfg)
+    return ChatDeployment.bind(cfg)
+
+
+def run_local(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
+              num_cpus: float = 1.0) -> None:
+    """Start (or join) a local Ray, then serve ``cfg`` at ``http://host:port/v1``."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": host, "port": port})
+    app = ChatDeployment.options(ray_actor_options={"num_cpus": num_cpus}).bind(cfg)
+    serve.run(app, name="medvl", route_prefix="/", blocking=blocking)

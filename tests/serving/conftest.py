@@ -1,0 +1,88 @@
+"""A tiny LLaVA taught one Chinese answer, served by the real Serve app on 127.0.0.1."""
+
+import base64
+import socket
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from medvl.data import templates
+from medvl.data.images import ImageSpec, load_image, normalize
+from medvl.data.tokenize import encode_segments
+from medvl.model.build import build_tiny, save_hf
+from medvl.serving.engine import write_meta
+
+QUESTION = "这是什么检查？"
+ANSWER = "罕见字：龘靐齉，胸部X线。"  # rare characters: split across byte-level tokens
+API_KEY = "sk-medvl-test"
+
+
+def teach(tok, steps: int = 150):
+    """Overfit a tiny model on one (image, question) -> ANSWER pair, so greedy output is known."""
+    model = build_tiny(tok).train()
+    segs = templates.render([(f"<image>\n{QUESTION}", ANSWER)], templates.get("v1"))
+    enc = encode_segments(segs, tok, model.config.image_seq_length)
+    ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
+    png = base64.b64decode(png_data_uri().split(",", 1)[1])  # the image the tests send
+    pixels = torch.from_numpy(normalize(load_image(png, "x.png", ImageSpec(size=32))))[None]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def taught_model_dir(bpe_tokenizer, tmp_path_factory):
+    uri = str(tmp_path_factory.mktemp("taught"))
+    save_hf(teach(bpe_tokenizer), bpe_tokenizer, uri)
+    write_meta(uri, template="v1", aspect="pad", image_size=32)
+    return uri
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, taught_model_dir, tmp_path_factory):
+    """The Serve app with an API key file and small limits so each limit can be hit."""
+    from ray import serve
+
+    from medvl.serving.api import ServeConfig
+    from medvl.serving.app import run_local
+
+    keyfile = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keyfile.write_text(API_KEY + "\n")
+    cfg = ServeConfig(model=taught_model_dir, max_body_bytes=200_000, max_image_bytes=100_000,
+                      max_image_pixels=1_000_000, max_prompt_tokens=200, max_tokens_cap=32,
+                      api_key_file=str(keyfile))
+    port = _free_port()
+    run_local(cfg, port=port, blocking=False, num_cpus=0.5)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    yield url
+    serve.shutdown()
+
+
+def png_data_uri(size=(40, 30)) -> str:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -1,0 +1,140 @@
+"""The real Serve app over HTTP on 127.0.0.1: OpenAI client, streaming, errors, auth, load, faults."""
+
+import base64
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.serving.conftest import ANSWER, API_KEY, QUESTION, png_data_uri
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _messages(image_url=None, text=QUESTION):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url or png_data_uri()}},
+                                         {"type": "text", "text": text}]}]
+
+
+def _client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def test_openai_client_non_streaming_with_image(server):
+    r = _client(server).chat.completions.create(model="medvl", messages=_messages(), max_tokens=32)
+    assert r.choices[0].message.content == ANSWER
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 16 and r.usage.completion_tokens > 0
+
+
+def test_openai_client_streaming_chinese_equals_non_streaming(server):
+    client = _client(server)
+    full = client.chat.completions.create(model="medvl", messages=_messages(), max_tokens=32)
+    stream = client.chat.completions.create(model="medvl", messages=_messages(), max_tokens=32, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(pieces) == full.choices[0].message.content == ANSWER
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(1 for p in pieces if p) > 1  # really streamed
+
+
+def test_sse_wire_format_ends_with_done(server):
+    body = {"model": "medvl", "messages": _messages(), "max_tokens": 4, "stream": True}
+    r = requests.post(f"{server}/v1/chat/completions", json=body, headers=HEADERS, timeout=60)
+    lines = [x for x in r.text.split("\n") if x]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][len("data: "):])
+    assert last["object"] == "chat.completion.chunk" and last["choices"][0]["finish_reason"] == "length"
+
+
+def test_models_health_openapi(server):
+    assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
+    models = requests.get(f"{server}/v1/models", headers=HEADERS, timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["medvl"]
+    spec = requests.get(f"{server}/openapi.json", timeout=10).json()
+    assert "/v1/chat/completions" in spec["paths"]
+
+
+def _b64(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+BAD = {
+    "bad_json": ('{"model": "medvl", "messages": [', 400),
+    "wrong_type": ({"model": "medvl", "messages": _messages(), "max_tokens": "many"}, 400),
+    "no_messages": ({"model": "medvl", "messages": []}, 400),
+    "bad_role": ({"model": "medvl", "messages": [{"role": "robot", "content": "hi"}]}, 400),
+    "unknown_model": ({"model": "gpt-9", "messages": _messages()}, 404),
+    "bad_base64": ({"model": "medvl", "messages": _messages("data:image/png;base64,@@@")}, 400),
+    "undecodable_image": ({"model": "medvl", "messages": _messages(_b64(b"not an image"))}, 400),
+    "remote_url": ({"model": "medvl", "messages": _messages("http://169.254.169.254/x.png")}, 400),
+    "too_many_pixels": ({"model": "medvl", "messages": _messages(png_data_uri((1200, 1000)))}, 413),
+    "image_too_big": ({"model": "medvl", "messages": _messages(_b64(b"x" * 150_000))}, 413),
+    "prompt_too_long": ({"model": "medvl", "messages": _messages(text="很长" * 300)}, 400),
+    "assistant_last": ({"model": "medvl", "messages": [{"role": "assistant", "content": "hi"}]}, 400),
+    "body_too_large": ({"model": "medvl", "messages": _messages(text="x" * 300_000)}, 413),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_a_4xx_openai_error(server, case):
+    body, status = BAD[case]
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = requests.post(f"{server}/v1/chat/completions", data=data, timeout=60,
+                      headers={**HEADERS, "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
+def test_auth_required(server, headers):
+    r = requests.post(f"{server}/v1/chat/completions", json={"model": "medvl", "messages": _messages()},
+                      headers=headers, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_replica_still_healthy_after_bad_input(server):
+    for case in ("bad_json", "undecodable_image", "too_many_pixels"):
+        test_bad_input_is_a_4xx_openai_error(server, case)
+    r = _client(server).chat.completions.create(model="medvl", messages=_messages(), max_tokens=32)
+    assert r.choices[0].message.content == ANSWER
+
+
+def test_bounded_concurrent_load_has_zero_errors(server):
+    """64 requests, 16 at a time, loopback only; each bounded by a timeout."""
+    body = {"model": "medvl", "messages": _messages(), "max_tokens": 8}
+
+    def one(_):
+        r = requests.post(f"{server}/v1/chat/completions", json=body, headers=HEADERS, timeout=120)
+        return r.status_code, r.json()["choices"][0]["message"]["content"] if r.ok else r.text
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(64)))
+    assert [s for s, _ in results] == [200] * 64
+    assert len({c for _, c in results}) == 1  # batching does not change greedy answers
+
+
+def test_killed_replica_is_replaced(server):
+    """Force-kill the replica's worker process; the Serve controller starts a new one."""
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if "MedVLChat" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+    assert len(names) == 1
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+    deadline, ok = time.time() + 120, False
+    while time.time() < deadline and not ok:
+        try:
+            r = requests.post(f"{server}/v1/chat/completions", headers=HEADERS, timeout=30,
+                              json={"model": "medvl", "messages": _messages(), "max_tokens": 32})
+            ok = r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWER
+        except requests.RequestException:
+            pass
+        if not ok:
+            time.sleep(1)
+    assert ok, "Serve did not replace the killed replica within 120 s"
