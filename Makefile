@@ -27,6 +27,7 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) runs demo-data benchmarks/out

@@ -63,6 +63,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_local(cfg, args.host, args.port, blocking=True)
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from medvl.model.convert import convert_llava
+
+    convert_llava(args.src, args.vision_tower, args.dst)
+    print(f"wrote {args.dst}: LlavaForConditionalGeneration (safetensors), tokenizer, processor")
+
+
+def cmd_export_projector(args: argparse.Namespace) -> None:
+    from medvl.model.build import load_hf
+    from medvl.model.convert import export_projector
+
+    export_projector(load_hf(args.model), args.output)
+    print(f"wrote {args.output} (LLaVA pretrain_mm_mlp_adapter format)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medvl.data.preprocess import PreprocessConfig
     from medvl.serving.api import ServeConfig
@@ -77,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
          cmd_demo_data, None),
         ("serve", "serve an exported model behind an OpenAI-compatible endpoint (Ray Serve)",
          cmd_serve, ServeConfig),
+        ("convert", "original LLaVA / Qilin-Med-VL checkpoint -> HF LlavaForConditionalGeneration",
+         cmd_convert, None),
+        ("export-projector", "HF model's projector -> LLaVA's mm_projector.bin", cmd_export_projector, None),
     ]
     for name, help_, fn, cls in commands:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -87,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", required=True, help="directory to write the corpus to")
     demo.add_argument("--variants", type=int, default=10, help="augmented copies per training image")
     demo.add_argument("--seed", type=int, default=0, help="augmentation seed")
+    conv = sub.choices["convert"]
+    conv.add_argument("--src", required=True, help="original LLaVA-layout directory (path or s3://)")
+    conv.add_argument("--vision-tower", required=True, help="CLIP vision tower directory (path or s3://)")
+    conv.add_argument("--dst", required=True, help="output HF directory (path or s3://)")
+    exp = sub.choices["export-projector"]
+    exp.add_argument("--model", required=True, help="HF model directory (path or s3://)")
+    exp.add_argument("--output", required=True, help="file to write, e.g. mm_projector.bin")
     srv = sub.choices["serve"]
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     srv.add_argument("--port", type=int, default=8000, help="HTTP port")

@@ -76,14 +76,21 @@ def bpe_tokenizer(demo_dir):
 
 
 @pytest.fixture(scope="session")
-def spm_tokenizer(tmp_path_factory, demo_dir):
+def spm_tokenizer(spm_tokenizer_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    from medvl.tokenizer import prepare
+
+    return prepare(PreTrainedTokenizerFast.from_pretrained(spm_tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer_dir(tmp_path_factory, demo_dir):
     """A sentencepiece-style (Metaspace, Llama-like) tokenizer trained on Chinese text."""
     import json
 
     from tokenizers import SentencePieceBPETokenizer, normalizers
     from transformers import PreTrainedTokenizerFast
-
-    from medvl.tokenizer import prepare
 
     texts = [c["value"] for f in demo_dir.glob("*.jsonl") for line in f.read_text().splitlines()
              for c in json.loads(line)["conversations"]]
@@ -96,7 +103,7 @@ def spm_tokenizer(tmp_path_factory, demo_dir):
                                   unk_token="<unk>")
     out = tmp_path_factory.mktemp("spm")
     tok.save_pretrained(out)
-    return prepare(PreTrainedTokenizerFast.from_pretrained(out))
+    return out
 
 
 CHINESE_QA_TEXT = [

@@ -79,6 +79,11 @@ def fit(img: Image.Image, size: int, aspect: str) -> np.ndarray:
         return _rgb(img.resize((rw, rh), RESAMPLE).crop((left, top, left + size, top + size)))
     if w == h:
         return _rgb(img.resize((size, size), RESAMPLE))
+    # Resample the full canvas exactly as LLaVA does when there is little to save, and for
+    # RGB portraits (Pillow rounds RGB differently on a transposed image; greyscale not).
+    if max(w, h) < 2 * size or (h > w and img.mode != "L"):
+        side = max(w, h)
+        return _rgb(_band(img, w > h, 0, side, (side - min(w, h)) // 2).resize((size, size), RESAMPLE))
     return _pad_resize(img, size)
 
 
@@ -88,22 +93,23 @@ def _rgb(img: Image.Image) -> np.ndarray:
 
 
 def _pad_resize(img: Image.Image, size: int) -> np.ndarray:
+    if img.height > img.width:  # greyscale portrait: pad left/right = top/bottom on the transpose
+        flipped = img.transpose(Image.Transpose.TRANSPOSE)
+        return np.ascontiguousarray(_pad_resize(flipped, size).transpose(1, 0, 2))
     w, h = img.size
-    side = max(w, h)
-    vertical = w > h  # padding goes above/below (landscape) or left/right (portrait)
-    short = h if vertical else w
-    offset = (side - short) // 2  # expand2square's padding before the image
-    scale = side / size  # input pixels per output line
-    support = 2.0 * max(scale, 1.0)  # bicubic radius 2, stretched by a downscale
-    # Output lines whose filter window touches the image; the rest stay pad colour.
+    offset = (w - h) // 2  # expand2square's padding above the image
+    scale = w / size  # input pixels per output row
+    support = 2.0 * scale  # bicubic radius 2, stretched by the downscale (scale >= 2 here)
+    # Output rows whose filter window touches the image; the rest stay pad colour.
     r0 = max(0, int(np.floor((offset - support) / scale - 0.5)))
-    r1 = min(size, int(np.ceil((offset + short + support) / scale + 0.5)))
+    r1 = min(size, int(np.ceil((offset + h + support) / scale + 0.5)))
     margin = int(np.ceil(2.5 * support + scale)) + 2  # every window of r0..r1 fits the band
-    c0, c1 = max(0, offset - margin), min(side, offset + short + margin)
+    c0, c1 = max(0, offset - margin), min(w, offset + h + margin)
+    band = _band(img, True, c0, c1, offset)
+    rows = band.resize((size, r1 - r0), RESAMPLE, box=(0.0, r0 * scale - c0, float(w), r1 * scale - c0))
     out = np.empty((size, size, 3), np.uint8)
     out[:] = PAD_COLOR
-    view = out if vertical else out.transpose(1, 0, 2)  # lines along axis 0
-    view[r0:r1] = _lines(_band(img, vertical, c0, c1, offset), vertical, r0, r1, c0, scale, size)
+    out[r0:r1] = np.asarray(rows)
     return out
 
 
@@ -113,17 +119,6 @@ def _band(img: Image.Image, vertical: bool, c0: int, c1: int, offset: int) -> Im
     band = Image.new("RGB", (w, c1 - c0) if vertical else (c1 - c0, h), PAD_COLOR)
     band.paste(img, (0, offset - c0) if vertical else (offset - c0, 0))
     return band
-
-
-def _lines(src: Image.Image, vertical: bool, lo: int, hi: int, start: float, scale: float,
-           size: int) -> np.ndarray:
-    """Output lines [lo, hi) resampled from ``src``, whose first line is canvas coord ``start``."""
-    a, b = lo * scale - start, hi * scale - start
-    if vertical:
-        part = src.resize((size, hi - lo), RESAMPLE, box=(0.0, a, float(src.width), b))
-        return _rgb(part)
-    part = src.resize((hi - lo, size), RESAMPLE, box=(a, 0.0, b, float(src.height)))
-    return _rgb(part).transpose(1, 0, 2)
 
 
 def load_image(data: bytes, name: str, spec: ImageSpec) -> np.ndarray:
