@@ -23,9 +23,13 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         tp = typing.get_type_hints(cls)[f.name]
         choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+        if tp is bool:
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                           action=argparse.BooleanOptionalAction, help=f.metadata.get("help", ""))
+            continue
         if not choices and tp not in (int, float, str):
             continue  # lists and mappings: YAML or key=value overrides
-        kind = None if choices else tp
+        kind = type(choices[0]) if choices else tp
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, choices=choices,
                        default=None, help=f"{f.metadata.get('help', '')} (default: {f.default!r})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides")
@@ -44,6 +48,15 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
     summary = {k: manifest[k] for k in ("records_in", "records_kept", "records_rejected",
                                         "rejects_by_reason", "tokens")}
     print(json.dumps(summary, ensure_ascii=False, indent=2))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from medvl.train.config import TrainConfig
+    from medvl.train.trainer import train
+
+    if args.section is None and args.stage is not None:
+        args.section = f"stage{args.stage}"  # recipes hold one section per stage
+    print(json.dumps(train(_config_from_args(TrainConfig, args)), indent=2))
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -81,6 +94,7 @@ def cmd_export_projector(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from medvl.data.preprocess import PreprocessConfig
     from medvl.serving.api import ServeConfig
+    from medvl.train.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="medvl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands: list[tuple[str, str, Callable, type | None]] = [
         ("preprocess", "LLaVA/ChiMed-VL records + images -> Parquet shards (Ray Data)",
          cmd_preprocess, PreprocessConfig),
+        ("train", "one curriculum stage on Ray Train + DeepSpeed (--stage 1|2)", cmd_train, TrainConfig),
         ("demo-data", "build the demo corpus from real DICOM files that install offline",
          cmd_demo_data, None),
         ("serve", "serve an exported model behind an OpenAI-compatible endpoint (Ray Serve)",

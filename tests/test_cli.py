@@ -6,7 +6,7 @@ import pytest
 from medvl.cli import build_parser, main
 
 
-@pytest.mark.parametrize("cmd", [[], ["preprocess"], ["demo-data"], ["serve"], ["convert"], ["export-projector"]])
+@pytest.mark.parametrize("cmd", [[], ["preprocess"], ["demo-data"], ["serve"], ["convert"], ["export-projector"], ["train"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])

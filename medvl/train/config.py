@@ -1,0 +1,41 @@
+"""Typed training recipe: one ``TrainConfig`` per curriculum stage (YAML sections stage1/stage2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal[1, 2] = field(default=1, metadata={"help": "1: projector only; 2: projector + LLM"})
+    data: str = field(default="", metadata={"help": "`medvl preprocess` output directory (URI)"})
+    output: str = field(default="", metadata={"help": "run directory (URI): Ray Train checkpoints + hf/"})
+    name: str = field(default="train", metadata={"help": "Ray Train run name; same name + output resumes"})
+    init: str = field(default="", metadata={"help": "HF model to start from (stage 2: stage 1's hf/)"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer directory, when building a new model"})
+    vision_tower: str = field(default="", metadata={"help": "CLIP directory; empty with llm empty: tiny preset"})
+    llm: str = field(default="", metadata={"help": "Llama/Qwen2 directory"})
+    num_workers: int = field(default=2, metadata={"help": "Ray Train workers (one per GPU)"})
+    use_gpu: bool = field(default=False, metadata={"help": "NCCL + CUDA when true, gloo + CPU otherwise"})
+    cpus_per_worker: float = field(default=0.5, metadata={"help": "leave CPUs for Ray Data tasks"})
+    batch_size: int = field(default=8, metadata={"help": "per-worker micro batch"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup share of steps, then cosine"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    epochs: int = field(default=1, metadata={"help": "passes over the data"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: all)"})
+    zero_stage: Literal[0, 1, 2, 3] = field(default=2, metadata={"help": "DeepSpeed ZeRO stage"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 (GPU); fp32 is faster on CPU"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations"})
+    checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: end only)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in storage"})
+    max_failures: int = field(default=2, metadata={"help": "worker failures survived by restoring"})
+    seed: int = field(default=0, metadata={"help": "model init and batch order"})
+    group_by_length: bool = field(default=True, metadata={"help": "batch samples of similar length"})
+    log_every: int = field(default=10, metadata={"help": "steps between progress lines"})
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.num_workers

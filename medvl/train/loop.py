@@ -1,0 +1,165 @@
+"""The per-worker training loop (runs inside Ray Train workers), nanoGPT-sized.
+
+Each worker reads its own slice of the batch plan from Ray Data, steps a DeepSpeed engine,
+and at every checkpoint all ranks save their ZeRO shards into one directory that
+``ray.train.report`` hands to storage; rank 0 adds the step counter (the data position),
+the metrics so far and, at the end, the consolidated weights for export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import ray.train
+import torch
+from safetensors.torch import save_file
+
+from medvl.data.images import normalize
+from medvl.data.tokenize import IGNORE
+from medvl.train.config import TrainConfig
+from medvl.train.zero import deepspeed_config, initialize
+
+CKPT_TAG = "ckpt"
+STATE_FILE = "state.json"  # step (= data position) and metrics, written by rank 0
+WEIGHTS_FILE = "consolidated.safetensors"
+
+
+def collate(batch: dict, pad_id: int, image_size: int) -> dict[str, torch.Tensor]:
+    """Right-pad one micro batch; pixels from uint8 bytes to normalised float once, here."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    width = max(len(x) for x in ids)
+    out_ids = np.full((len(ids), width), pad_id, np.int64)
+    out_labels = np.full((len(ids), width), IGNORE, np.int64)
+    mask = np.zeros((len(ids), width), np.int64)
+    for i, (x, y) in enumerate(zip(ids, labels, strict=True)):
+        out_ids[i, : len(x)], out_labels[i, : len(y)], mask[i, : len(x)] = x, y, 1
+    pix = np.stack([np.frombuffer(p, np.uint8).reshape(image_size, image_size, 3) for p in batch["pixels"]])
+    return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_labels),
+            "attention_mask": torch.from_numpy(mask), "pixel_values": torch.from_numpy(normalize(pix))}
+
+
+def set_trainable(model, stage: int) -> list[torch.nn.Parameter]:
+    """Stage 1: projector only. Stage 2: projector + LLM. The vision tower stays frozen."""
+    for p in model.parameters():
+        p.requires_grad = False
+    parts = [model.model.multi_modal_projector]
+    if stage == 2:
+        parts += [model.model.language_model, model.lm_head]
+    params = [p for part in parts for p in part.parameters()]
+    for p in params:
+        p.requires_grad = True
+    return params
+
+
+def lr_lambda(total: int, warmup_ratio: float):
+    warmup = max(1, math.ceil(total * warmup_ratio))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return f
+
+
+def projector_digest(engine) -> str:
+    """sha256 of the projector's full (gathered) fp32 weights: proves the stage hand-off."""
+    import deepspeed
+
+    proj = engine.module.model.multi_modal_projector
+    with deepspeed.zero.GatheredParameters(list(proj.parameters()), modifier_rank=None):
+        h = hashlib.sha256()
+        for _, p in sorted(proj.named_parameters()):
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    from medvl.train.model import build_model
+
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    model, tok = build_model(cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = set_trainable(model, cfg.stage)
+    steps = config["steps"]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_ratio))
+    engine = initialize(model, opt, sched, deepspeed_config(cfg))
+
+    start, history, resumes = 0, [], []
+    digest = projector_digest(engine)  # the weights this stage starts from
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag=CKPT_TAG)  # module, optimizer and scheduler
+            with open(os.path.join(d, STATE_FILE)) as f:
+                state = json.load(f)
+            start, history = state["step"], state["history"]
+            resumes, digest = [*state["resumes"], start], state["init_projector_sha256"]
+        if rank == 0:
+            print(f"[stage {cfg.stage}] resumed from checkpoint at step {start}", flush=True)
+
+    image_size = model.config.vision_config.image_size
+    it = ray.train.get_dataset_shard(f"rank{rank}").iter_batches(
+        batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2)
+    micro = iter(it)
+    for _ in range(start * cfg.grad_accum):  # the data position: skip what was trained
+        next(micro)
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        wait = tokens = padded = 0.0
+        losses = []
+        for _ in range(cfg.grad_accum):
+            tw = time.perf_counter()
+            batch = collate(next(micro), tok.pad_token_id, image_size)
+            wait += time.perf_counter() - tw
+            tokens += batch["attention_mask"].sum().item()
+            padded += batch["attention_mask"].numel()
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        dt = time.perf_counter() - t0
+        loss_all = torch.tensor([np.mean(losses), tokens, padded])
+        torch.distributed.all_reduce(loss_all)
+        history.append({"step": step + 1, "loss": loss_all[0].item() / world, "lr": sched.get_last_lr()[0],
+                        "tokens_per_s": loss_all[1].item() / dt, "step_s": dt,
+                        "padding": 1 - loss_all[1].item() / loss_all[2].item(), "data_wait": wait / dt})
+        if rank == 0 and (step + 1) % cfg.log_every == 0:
+            h = history[-1]
+            print(f"[stage {cfg.stage}] step {step + 1}/{steps} loss {h['loss']:.4f} lr {h['lr']:.2e} "
+                  f"{h['tokens_per_s']:.0f} tok/s pad {h['padding']:.1%} wait {h['data_wait']:.1%}", flush=True)
+        last = step + 1 == steps
+        if last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+            state = {"step": step + 1, "history": history, "resumes": resumes, "init_projector_sha256": digest}
+            save_and_report(engine, state, rank, final=last)
+
+
+def save_and_report(engine, state: dict, rank: int, final: bool) -> None:
+    """All ranks save their ZeRO shards; rank 0 adds state (and weights at the end); all report."""
+    import deepspeed
+
+    with tempfile.TemporaryDirectory(prefix="medvl-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CKPT_TAG)
+        if final:
+            params = list(engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if rank == 0:
+                    state = {k: v.detach().float().contiguous().clone()
+                             for k, v in engine.module.state_dict().items()}
+                    save_file(state, os.path.join(tmp, WEIGHTS_FILE))
+        if rank == 0:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(state, f)
+        metrics = {**state["history"][-1], "step": state["step"]}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -1,0 +1,130 @@
+"""``medvl train``: one curriculum stage as a Ray Train ``TorchTrainer`` run.
+
+The driver plans the batches, hands each worker its own ordered Ray Dataset, runs
+``fit()`` (restoring from the latest checkpoint after worker failures, or when re-run
+with the same ``output`` + ``name`` after a driver crash) and exports the final weights as
+an HF directory at ``OUTPUT/hf``, with the loss curve beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file
+
+from medvl import storage
+from medvl.model.build import save_hf
+from medvl.serving.engine import write_meta
+from medvl.train.batching import plan_batches
+from medvl.train.config import TrainConfig
+from medvl.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
+from medvl.train.model import build_model
+
+
+def read_manifest(data: str) -> dict:
+    return json.loads(storage.read_text(storage.join(data, "manifest.json")))
+
+
+def rank_datasets(cfg: TrainConfig) -> tuple[dict[str, ray.data.Dataset], int]:
+    """One dataset per worker, holding exactly its rows of the plan in step order."""
+    fs, path = storage.resolve(storage.join(cfg.data, "shards"))
+    index = pq.read_table(path, filesystem=fs, columns=["id", "length"])
+    ids, lengths = index["id"].to_pylist(), index["length"].to_numpy()
+    plan = plan_batches(lengths, cfg.global_batch, cfg.seed, cfg.group_by_length, cfg.epochs)
+    if cfg.max_steps:
+        plan = plan[: cfg.max_steps]
+    share = cfg.batch_size * cfg.grad_accum
+    rows = ray.data.read_parquet(path, filesystem=fs, columns=["id", "input_ids", "labels", "pixels"])
+    datasets = {}
+    for r in range(cfg.num_workers):
+        slots: dict[str, list[int]] = {}
+        for pos, i in enumerate(plan[:, r * share:(r + 1) * share].ravel()):
+            slots.setdefault(ids[i], []).append(pos)
+        ds = rows.map_batches(_expand, fn_kwargs={"slots": slots}, batch_format="pyarrow")
+        datasets[f"rank{r}"] = ds.sort("order")
+    return datasets, len(plan)
+
+
+def _expand(table, slots: dict[str, list[int]]):
+    """Each row once per slot it fills in this worker's plan (repeats: padding, epochs)."""
+    take, order = [], []
+    for i, rid in enumerate(table["id"].to_pylist()):
+        for pos in slots.get(rid, ()):
+            take.append(i)
+            order.append(pos)
+    out = table.take(take)
+    return out.append_column("order", pa.array(order, pa.int64()))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one stage; return a summary (steps, first/last loss, exported model URI)."""
+    for name in ("data", "output"):
+        if not getattr(cfg, name):
+            raise ValueError(f"train: `{name}` is required")
+    if not ray.is_initialized():
+        ray.init()
+    manifest = read_manifest(cfg.data)
+    datasets, steps = rank_datasets(cfg)
+    fs, path = storage.resolve(cfg.output)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": dataclasses.asdict(cfg), "steps": steps},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    return export(result.checkpoint, cfg, manifest)
+
+
+def export(checkpoint, cfg: TrainConfig, manifest: dict) -> dict:
+    """Final checkpoint -> ``OUTPUT/hf`` (safetensors, tokenizer, processor, medvl.json) + plot."""
+    model, tok = build_model(cfg)
+    with checkpoint.as_directory() as d:
+        model.load_state_dict(load_file(os.path.join(d, WEIGHTS_FILE)), strict=True)
+        with open(os.path.join(d, STATE_FILE)) as f:
+            state = json.load(f)
+    hf = storage.join(cfg.output, "hf")
+    save_hf(model, tok, hf)
+    pre = manifest["config"]
+    write_meta(hf, template=pre["template"], aspect=pre["aspect"], image_size=pre["image_size"])
+    history = state["history"]
+    storage.write_text(storage.join(cfg.output, "metrics.jsonl"),
+                       "".join(json.dumps(h) + "\n" for h in history))
+    storage.write_bytes(storage.join(cfg.output, "loss.png"), loss_plot(history, f"stage {cfg.stage}"))
+    losses = [h["loss"] for h in history]
+    return {"stage": cfg.stage, "steps": state["step"], "first_loss": losses[0], "last_loss": losses[-1],
+            "min_loss": float(np.min(losses)), "hf": hf, "resumed_from": state["resumes"],
+            "init_projector_sha256": state["init_projector_sha256"]}
+
+
+def loss_plot(history: list[dict], title: str) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
