@@ -121,7 +121,11 @@ def train_loop_per_worker(config: dict) -> None:
         losses = []
         for _ in range(cfg.grad_accum):
             tw = time.perf_counter()
-            batch = collate(next(micro), tok.pad_token_id, image_size)
+            rows = next(micro)
+            expect = (step * cfg.grad_accum + len(losses)) * cfg.batch_size
+            if rows["order"][0] != expect:  # the plan is the data position: never drift
+                raise RuntimeError(f"rank {rank}: batch starts at plan row {rows['order'][0]}, expected {expect}")
+            batch = collate(rows, tok.pad_token_id, image_size)
             wait += time.perf_counter() - tw
             tokens += batch["attention_mask"].sum().item()
             padded += batch["attention_mask"].numel()
@@ -132,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
         dt = time.perf_counter() - t0
         loss_all = torch.tensor([np.mean(losses), tokens, padded])
         torch.distributed.all_reduce(loss_all)
-        history.append({"step": step + 1, "loss": loss_all[0].item() / world, "lr": sched.get_last_lr()[0],
+        history.append({"step": step + 1, "loss": loss_all[0].item() / world, "lr": float(sched.get_last_lr()[0]),
                         "tokens_per_s": loss_all[1].item() / dt, "step_s": dt,
                         "padding": 1 - loss_all[1].item() / loss_all[2].item(), "data_wait": wait / dt})
         if rank == 0 and (step + 1) % cfg.log_every == 0:
@@ -155,11 +159,13 @@ def save_and_report(engine, state: dict, rank: int, final: bool) -> None:
             params = list(engine.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if rank == 0:
-                    state = {k: v.detach().float().contiguous().clone()
-                             for k, v in engine.module.state_dict().items()}
-                    save_file(state, os.path.join(tmp, WEIGHTS_FILE))
+                    weights = {k: v.detach().float().contiguous().clone()
+                               for k, v in engine.module.state_dict().items()}
+                    save_file(weights, os.path.join(tmp, WEIGHTS_FILE))
         if rank == 0:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(state, f)
         metrics = {**state["history"][-1], "step": state["step"]}
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # One directory name for every rank, so their ZeRO shards land together.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{state['step']:06d}")

@@ -35,6 +35,7 @@ def read_manifest(data: str) -> dict:
 
 def rank_datasets(cfg: TrainConfig) -> tuple[dict[str, ray.data.Dataset], int]:
     """One dataset per worker, holding exactly its rows of the plan in step order."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     fs, path = storage.resolve(storage.join(cfg.data, "shards"))
     index = pq.read_table(path, filesystem=fs, columns=["id", "length"])
     ids, lengths = index["id"].to_pylist(), index["length"].to_numpy()
@@ -49,7 +50,9 @@ def rank_datasets(cfg: TrainConfig) -> tuple[dict[str, ray.data.Dataset], int]:
         for pos, i in enumerate(plan[:, r * share:(r + 1) * share].ravel()):
             slots.setdefault(ids[i], []).append(pos)
         ds = rows.map_batches(_expand, fn_kwargs={"slots": slots}, batch_format="pyarrow")
-        datasets[f"rank{r}"] = ds.sort("order")
+        n = len(plan) * share
+        # Explicit range boundaries: ~4k rows per sorted block instead of 200 partitions.
+        datasets[f"rank{r}"] = ds.sort("order", boundaries=list(range(4096, n, 4096)) or [n])
     return datasets, len(plan)
 
 
@@ -84,7 +87,9 @@ def train(cfg: TrainConfig) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # Each worker reads only its own dataset, in plan order.
+        dataset_config=DataConfig(datasets_to_split=[],
+                                  execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     return export(result.checkpoint, cfg, manifest)
