@@ -24,10 +24,13 @@ demo: setup
 	$(VENV)/bin/medvl demo-data --output demo-data
 	$(VENV)/bin/medvl preprocess --config workflows/configs/demo.yaml --section preprocess_alignment
 	$(VENV)/bin/medvl preprocess --config workflows/configs/demo.yaml --section preprocess_instruction
+	$(VENV)/bin/medvl train --config workflows/configs/demo.yaml --stage 1
+	$(VENV)/bin/medvl train --config workflows/configs/demo.yaml --stage 2
 
 bench: setup
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) runs demo-data benchmarks/out

@@ -79,9 +79,7 @@ def fit(img: Image.Image, size: int, aspect: str) -> np.ndarray:
         return _rgb(img.resize((rw, rh), RESAMPLE).crop((left, top, left + size, top + size)))
     if w == h:
         return _rgb(img.resize((size, size), RESAMPLE))
-    # Resample the full canvas exactly as LLaVA does when there is little to save, and for
-    # RGB portraits (Pillow rounds RGB differently on a transposed image; greyscale not).
-    if max(w, h) < 2 * size or (h > w and img.mode != "L"):
+    if max(w, h) < 2 * size:  # little to save: resample the full canvas exactly as LLaVA does
         side = max(w, h)
         return _rgb(_band(img, w > h, 0, side, (side - min(w, h)) // 2).resize((size, size), RESAMPLE))
     return _pad_resize(img, size)
@@ -93,23 +91,27 @@ def _rgb(img: Image.Image) -> np.ndarray:
 
 
 def _pad_resize(img: Image.Image, size: int) -> np.ndarray:
-    if img.height > img.width:  # greyscale portrait: pad left/right = top/bottom on the transpose
-        flipped = img.transpose(Image.Transpose.TRANSPOSE)
-        return np.ascontiguousarray(_pad_resize(flipped, size).transpose(1, 0, 2))
     w, h = img.size
-    offset = (w - h) // 2  # expand2square's padding above the image
-    scale = w / size  # input pixels per output row
-    support = 2.0 * scale  # bicubic radius 2, stretched by the downscale (scale >= 2 here)
-    # Output rows whose filter window touches the image; the rest stay pad colour.
+    side = max(w, h)
+    vertical = w > h  # padding above/below (landscape) or left/right (portrait)
+    short = h if vertical else w
+    offset = (side - short) // 2  # expand2square's padding before the image
+    scale = side / size  # input pixels per output line (>= 2 here)
+    support = 2.0 * scale  # bicubic radius 2, stretched by the downscale
+    # Output lines whose filter window touches the image; the rest stay pad colour.
     r0 = max(0, int(np.floor((offset - support) / scale - 0.5)))
-    r1 = min(size, int(np.ceil((offset + h + support) / scale + 0.5)))
+    r1 = min(size, int(np.ceil((offset + short + support) / scale + 0.5)))
     margin = int(np.ceil(2.5 * support + scale)) + 2  # every window of r0..r1 fits the band
-    c0, c1 = max(0, offset - margin), min(w, offset + h + margin)
-    band = _band(img, True, c0, c1, offset)
-    rows = band.resize((size, r1 - r0), RESAMPLE, box=(0.0, r0 * scale - c0, float(w), r1 * scale - c0))
+    c0, c1 = max(0, offset - margin), min(side, offset + short + margin)
+    band = _band(img, vertical, c0, c1, offset)
+    lo, hi = r0 * scale - c0, r1 * scale - c0
     out = np.empty((size, size, 3), np.uint8)
     out[:] = PAD_COLOR
-    out[r0:r1] = np.asarray(rows)
+    if vertical:
+        out[r0:r1] = np.asarray(band.resize((size, r1 - r0), RESAMPLE, box=(0.0, lo, float(w), hi)))
+    else:  # two calls keep Pillow's pass order (horizontal, then vertical) of the full resize
+        columns = band.resize((r1 - r0, h), RESAMPLE, box=(lo, 0.0, hi, float(h)))
+        out[:, r0:r1] = np.asarray(columns.resize((r1 - r0, size), RESAMPLE))
     return out
 
 

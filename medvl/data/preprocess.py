@@ -8,6 +8,7 @@ record ends in exactly one of the two: ``records_in == records_kept + records_re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -122,6 +123,8 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
     for name in ("data", "image_root", "output", "tokenizer"):
         if not getattr(cfg, name):
             raise ValueError(f"preprocess: --{name.replace('_', '-')} is required")
+    cfg = dataclasses.replace(cfg, **{k: storage.absolute(getattr(cfg, k))
+                                      for k in ("data", "image_root", "output", "tokenizer")})
     if not ray.is_initialized():
         ray.init()
     ctx = ray.data.DataContext.get_current()

@@ -7,6 +7,7 @@ into dynamic batches by ``@serve.batch``; one decoding loop streams every reques
 batch at once.
 """
 
+import dataclasses
 import json
 import os
 import uuid
@@ -17,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from medvl import config
+from medvl import config, storage
 from medvl.data.images import ImageError
 from medvl.serving.api import (
     APIError,
@@ -132,9 +133,15 @@ class ChatDeployment:
             yield [c if c is not None else StopIteration for c in step]
 
 
+def _absolute(cfg: ServeConfig) -> ServeConfig:
+    """Replicas run in another working directory: resolve local paths here, in the driver."""
+    return dataclasses.replace(cfg, model=storage.absolute(cfg.model),
+                               api_key_file=storage.absolute(cfg.api_key_file))
+
+
 def build_app(args: dict) -> serve.Application:
     """Serve application builder: ``args`` are ``ServeConfig`` fields (see serve/config.yaml)."""
-    cfg = config.from_dict(ServeConfig, dict(args))
+    cfg = _absolute(config.from_dict(ServeConfig, dict(args)))
     if not cfg.model:
         raise ValueError("serve: `model` (an exported HF model directory URI) is required")
     if cfg.backend == "vllm":
@@ -152,5 +159,5 @@ def run_local(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, block
     if not ray.is_initialized():
         ray.init()
     serve.start(http_options={"host": host, "port": port})
-    app = ChatDeployment.options(ray_actor_options={"num_cpus": num_cpus}).bind(cfg)
+    app = ChatDeployment.options(ray_actor_options={"num_cpus": num_cpus}).bind(_absolute(cfg))
     serve.run(app, name="medvl", route_prefix="/", blocking=blocking)

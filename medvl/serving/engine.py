@@ -113,7 +113,7 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          pixel_values=pixels, use_cache=True)
-        cache, step = out.past_key_values, 0
+        cache, step = out.cache, 0
         logits = out.logits[:, -1]
         while True:
             next_ids = [self._sample(logits[i], reqs[i], gens[i]) for i in range(len(reqs))]
@@ -134,7 +134,7 @@ class Engine:
             positions = positions[:, -1:] + 1
             out = self.model(input_ids=torch.tensor(next_ids)[:, None], attention_mask=mask,
                              position_ids=positions, cache=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            cache, logits = out.cache, out.logits[:, -1]
 
     def _advance(self, i, r: Request, token: int, dec: IncrementalDecoder, texts, step):
         """Append one token to request ``i``; return (delta, finish reason or None)."""

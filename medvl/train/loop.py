@@ -87,6 +87,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
+    if not cfg.use_gpu:  # one intra-op thread per allotted core: no oversubscription
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     model, tok = build_model(cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -28,6 +28,8 @@ from medvl.train.config import TrainConfig
 from medvl.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
 from medvl.train.model import build_model
 
+URI_FIELDS = ("data", "output", "init", "tokenizer", "vision_tower", "llm")
+
 
 def read_manifest(data: str) -> dict:
     return json.loads(storage.read_text(storage.join(data, "manifest.json")))
@@ -72,6 +74,7 @@ def train(cfg: TrainConfig) -> dict:
     for name in ("data", "output"):
         if not getattr(cfg, name):
             raise ValueError(f"train: `{name}` is required")
+    cfg = dataclasses.replace(cfg, **{k: storage.absolute(getattr(cfg, k)) for k in URI_FIELDS})
     if not ray.is_initialized():
         ray.init()
     manifest = read_manifest(cfg.data)

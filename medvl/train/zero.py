@@ -16,7 +16,9 @@ from medvl.train.config import TrainConfig
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
-    zero: dict = {"stage": cfg.zero_stage}
+    # Overlap gradient reduction with backward; large buckets = few collective calls.
+    zero: dict = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+                  "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
