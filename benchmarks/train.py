@@ -30,7 +30,7 @@ from medvl.model.build import build_tiny
 from medvl.tokenizer import load as load_tokenizer
 from medvl.train.batching import padding_fraction, plan_batches
 from medvl.train.config import TrainConfig
-from medvl.train.loop import collate, set_trainable
+from medvl.train.loop import collate, trainable_groups
 from medvl.train.trainer import train
 
 WARMUP = 5
@@ -40,7 +40,7 @@ def bare_loop(cfg: TrainConfig, steps: int) -> float:
     """Median step time of plain torch on one process, same model, data and global batch."""
     tok = load_tokenizer(cfg.tokenizer)
     model = build_tiny(tok, seed=cfg.seed).train()
-    opt = torch.optim.AdamW(set_trainable(model, cfg.stage), lr=cfg.lr)
+    opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr)
     table = pq.read_table(f"{cfg.data}/shards", columns=["input_ids", "labels", "pixels", "length"])
     rows = table.to_pydict()
     plan = plan_batches(np.asarray(rows["length"]), cfg.global_batch, cfg.seed, True, cfg.epochs)[:steps]

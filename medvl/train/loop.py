@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from medvl.data.images import normalize
 from medvl.data.tokenize import IGNORE
 from medvl.train.config import TrainConfig
+from medvl.train.lora import add_lora
 from medvl.train.zero import deepspeed_config, initialize
 
 CKPT_TAG = "ckpt"
@@ -44,17 +45,28 @@ def collate(batch: dict, pad_id: int, image_size: int) -> dict[str, torch.Tensor
             "attention_mask": torch.from_numpy(mask), "pixel_values": torch.from_numpy(normalize(pix))}
 
 
-def set_trainable(model, stage: int) -> list[torch.nn.Parameter]:
-    """Stage 1: projector only. Stage 2: projector + LLM. The vision tower stays frozen."""
+def trainable_groups(model, cfg: TrainConfig) -> list[dict]:
+    """Optimizer param groups. Stage 1: projector. Stage 2: + LLM (or its LoRA adapters).
+
+    The vision tower always stays frozen; the projector may have its own lr (LLaVA's
+    ``mm_projector_lr``).
+    """
     for p in model.parameters():
         p.requires_grad = False
-    parts = [model.model.multi_modal_projector]
-    if stage == 2:
-        parts += [model.model.language_model, model.lm_head]
-    params = [p for part in parts for p in part.parameters()]
-    for p in params:
-        p.requires_grad = True
-    return params
+    groups = [{"params": list(model.model.multi_modal_projector.parameters()),
+               "lr": cfg.mm_projector_lr or cfg.lr}]
+    if cfg.stage == 2:
+        llm = model.model.language_model
+        if cfg.lora_r:
+            add_lora(llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+            params = [p for n, p in llm.named_parameters() if "lora_" in n]
+        else:
+            params = [*llm.parameters(), *model.lm_head.parameters()]
+        groups.append({"params": params, "lr": cfg.lr})
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad = True
+    return groups
 
 
 def lr_lambda(total: int, warmup_ratio: float):
@@ -92,9 +104,8 @@ def train_loop_per_worker(config: dict) -> None:
     model, tok = build_model(cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    params = set_trainable(model, cfg.stage)
     steps = config["steps"]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_ratio))
     engine = initialize(model, opt, sched, deepspeed_config(cfg))
 
@@ -117,6 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
     micro = iter(it)
     for _ in range(start * cfg.grad_accum):  # the data position: skip what was trained
         next(micro)
+    pending: list[dict] = []  # this rank's metrics since the last sync
     for step in range(start, steps):
         t0 = time.perf_counter()
         wait = tokens = padded = 0.0
@@ -136,19 +148,29 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             losses.append(loss.item())
         dt = time.perf_counter() - t0
-        loss_all = torch.tensor([np.mean(losses), tokens, padded])
-        torch.distributed.all_reduce(loss_all)
-        history.append({"step": step + 1, "loss": loss_all[0].item() / world, "lr": float(sched.get_last_lr()[0]),
-                        "tokens_per_s": loss_all[1].item() / dt, "step_s": dt,
-                        "padding": 1 - loss_all[1].item() / loss_all[2].item(), "data_wait": wait / dt})
+        pending.append({"step": step + 1, "loss": float(np.mean(losses)), "tokens": tokens, "padded": padded,
+                        "lr": float(sched.get_last_lr()[0]), "step_s": dt, "data_wait": wait / dt})
+        last = step + 1 == steps
+        save = last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+        if save or (step + 1) % cfg.log_every == 0:
+            history += sync_metrics(pending, world)  # one collective per window, not per step
+            pending = []
         if rank == 0 and (step + 1) % cfg.log_every == 0:
             h = history[-1]
             print(f"[stage {cfg.stage}] step {step + 1}/{steps} loss {h['loss']:.4f} lr {h['lr']:.2e} "
                   f"{h['tokens_per_s']:.0f} tok/s pad {h['padding']:.1%} wait {h['data_wait']:.1%}", flush=True)
-        last = step + 1 == steps
-        if last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+        if save:
             state = {"step": step + 1, "history": history, "resumes": resumes, "init_projector_sha256": digest}
             save_and_report(engine, state, rank, final=last)
+
+
+def sync_metrics(pending: list[dict], world: int) -> list[dict]:
+    """Per-step records of this rank -> global ones (mean loss, summed tokens), in one all_reduce."""
+    sums = torch.tensor([[p["loss"], p["tokens"], p["padded"]] for p in pending], dtype=torch.float64)
+    torch.distributed.all_reduce(sums)
+    return [{"step": p["step"], "loss": loss / world, "lr": p["lr"], "tokens_per_s": tokens / p["step_s"],
+             "step_s": p["step_s"], "padding": 1 - tokens / padded, "data_wait": p["data_wait"]}
+            for p, (loss, tokens, padded) in zip(pending, sums.tolist(), strict=True)]
 
 
 def save_and_report(engine, state: dict, rank: int, final: bool) -> None:

@@ -26,6 +26,7 @@ from medvl.serving.engine import write_meta
 from medvl.train.batching import plan_batches
 from medvl.train.config import TrainConfig
 from medvl.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
+from medvl.train.lora import merge_lora
 from medvl.train.model import build_model
 
 URI_FIELDS = ("data", "output", "init", "tokenizer", "vision_tower", "llm")
@@ -102,7 +103,10 @@ def export(checkpoint, cfg: TrainConfig, manifest: dict) -> dict:
     """Final checkpoint -> ``OUTPUT/hf`` (safetensors, tokenizer, processor, medvl.json) + plot."""
     model, tok = build_model(cfg)
     with checkpoint.as_directory() as d:
-        model.load_state_dict(load_file(os.path.join(d, WEIGHTS_FILE)), strict=True)
+        weights = load_file(os.path.join(d, WEIGHTS_FILE))
+        if cfg.lora_r:
+            weights = merge_lora(weights, cfg.lora_r, cfg.lora_alpha)
+        model.load_state_dict(weights, strict=True)
         with open(os.path.join(d, STATE_FILE)) as f:
             state = json.load(f)
     hf = storage.join(cfg.output, "hf")

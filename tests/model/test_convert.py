@@ -105,11 +105,12 @@ def test_converted_model_is_served(original, tmp_path, ray_cluster):
 
     from medvl.serving.api import ServeConfig
     from medvl.serving.app import run_local
-    from tests.serving.conftest import _free_port, png_data_uri
+    from tests.conftest import free_port
+    from tests.serving.conftest import png_data_uri
 
     src, vit_dir, _, _ = original
     convert_llava(str(src), str(vit_dir), str(tmp_path / "hf"))
-    port = _free_port()
+    port = free_port()
     run_local(ServeConfig(model=str(tmp_path / "hf"), max_tokens_cap=8), port=port, blocking=False,
               num_cpus=0.5)
     try:

@@ -1,7 +1,6 @@
 """A tiny LLaVA taught one Chinese answer, served by the real Serve app on 127.0.0.1."""
 
 import base64
-import socket
 import time
 
 import numpy as np
@@ -14,6 +13,7 @@ from medvl.data.images import ImageSpec, load_image, normalize
 from medvl.data.tokenize import encode_segments
 from medvl.model.build import build_tiny, save_hf
 from medvl.serving.engine import write_meta
+from tests.conftest import free_port
 
 QUESTION = "这是什么检查？"
 ANSWER = "罕见字：龘靐齉，胸部X线。"  # rare characters: split across byte-level tokens
@@ -45,12 +45,6 @@ def taught_model_dir(bpe_tokenizer, tmp_path_factory):
     return uri
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_cluster, taught_model_dir, tmp_path_factory):
     """The Serve app with an API key file and small limits so each limit can be hit."""
@@ -64,7 +58,7 @@ def server(ray_cluster, taught_model_dir, tmp_path_factory):
     cfg = ServeConfig(model=taught_model_dir, max_body_bytes=200_000, max_image_bytes=100_000,
                       max_image_pixels=1_000_000, max_prompt_tokens=200, max_tokens_cap=32,
                       api_key_file=str(keyfile))
-    port = _free_port()
+    port = free_port()
     run_local(cfg, port=port, blocking=False, num_cpus=0.5)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

@@ -137,3 +137,15 @@ def test_s3_checkpoints_resume_after_a_driver_level_failure(stage1, data, demo_d
     assert s["resumed_from"] and s["steps"] == stage1["steps"]
     assert s["last_loss"] == pytest.approx(stage1["last_loss"], rel=1e-4)
     assert storage.exists(storage.join(out, "hf", "model.safetensors"))
+
+
+def test_stage2_lora_exports_a_merged_plain_model(stage1, data, tmp_path):
+    s2 = train(TrainConfig(stage=2, data=str(data / "in"), output=str(tmp_path / "lora"), name="lora",
+                           init=stage1["hf"], batch_size=4, lr=1e-2, mm_projector_lr=2e-3, epochs=1,
+                           zero_stage=2, lora_r=8, lora_alpha=16, lora_dropout=0.0, log_every=100))
+    assert _falls(_losses(str(tmp_path / "lora")))
+    before, after = load_hf(stage1["hf"]), load_hf(s2["hf"])  # strict load: no LoRA keys left
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(dict(before.named_parameters())[name], dict(after.named_parameters())[name])
+    vision = "model.vision_tower.embeddings.patch_embedding.weight"
+    assert torch.equal(dict(before.named_parameters())[vision], dict(after.named_parameters())[vision])
