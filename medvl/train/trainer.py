@@ -46,7 +46,7 @@ def rank_datasets(cfg: TrainConfig) -> tuple[dict[str, ray.data.Dataset], int]:
     if cfg.max_steps:
         plan = plan[: cfg.max_steps]
     share = cfg.batch_size * cfg.grad_accum
-    rows = ray.data.read_parquet(path, filesystem=fs, columns=["id", "input_ids", "labels", "pixels"])
+    rows = ray.data.read_parquet(path, filesystem=fs).select_columns(["id", "input_ids", "labels", "pixels"])
     datasets = {}
     for r in range(cfg.num_workers):
         slots: dict[str, list[int]] = {}
