@@ -91,13 +91,14 @@ def main() -> None:
         out = (root / f"run-{stage}-{zero}").resolve()
         cfg = TrainConfig(stage=stage, data=str(data), output=str(out), name="bench",
                           tokenizer=str(root / "demo/tokenizer"), batch_size=16, lr=1e-3,
-                          epochs=6 if stage == 1 else 2, zero_stage=zero, log_every=10**9)
+                          epochs=12 if stage == 1 else 4, zero_stage=zero, log_every=10**9)
         summary = train(cfg)
         history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         ray_step = statistics.median(h["step_s"] for h in history[WARMUP:])
-        rows.append((f"stage {stage}, ZeRO-{zero}", summary["steps"], cfg.global_batch, ray_step,
-                     bare_loop(cfg, summary["steps"])))
-    ray.shutdown()
+        rows.append((f"stage {stage}, ZeRO-{zero}", cfg, summary["steps"], ray_step))
+    ray.shutdown()  # the bare loops run with no Ray process left on the machine
+    rows = [(name, steps, cfg.global_batch, ray_step, bare_loop(cfg, steps))
+            for name, cfg, steps, ray_step in rows]
 
     lengths = chimed_like_lengths(20_000)
     per_worker, workers = 16, 8

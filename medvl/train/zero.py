@@ -16,8 +16,9 @@ from medvl.train.config import TrainConfig
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
-    # Overlap gradient reduction with backward; large buckets = few collective calls.
-    zero: dict = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+    # Large buckets = few collective calls; overlapping reduction with backward needs CUDA
+    # streams (on CPU it only adds bookkeeping).
+    zero: dict = {"stage": cfg.zero_stage, "overlap_comm": cfg.use_gpu, "contiguous_gradients": True,
                   "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True

@@ -18,3 +18,12 @@ def test_serve_config_file_validates():
     assert app.import_path == "medvl.serving.app:build_app"
     cfg = config.from_dict(ServeConfig, app.args)
     assert cfg.backend == "medvl" and cfg.max_batch_size >= 1
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error():
+    import pytest
+
+    from medvl.serving.app import build_app
+
+    with pytest.raises(ImportError, match=r"ray\[llm\]"):
+        build_app({"model": "/models/x", "backend": "vllm"})
