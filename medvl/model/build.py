@@ -10,6 +10,7 @@ with CLS dropped (Qilin-Med-VL / LLaVA-1.5), the projector is ``mlp2x_gelu``, an
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ class TinyPreset:
         return (self.image_size // self.patch_size) ** 2
 
 
-def _llava_config(vision: CLIPVisionConfig, text, tok: PreTrainedTokenizerBase) -> LlavaConfig:
+def llava_config(vision: CLIPVisionConfig, text, tok: PreTrainedTokenizerBase) -> LlavaConfig:
     num_tokens = (vision.image_size // vision.patch_size) ** 2
     text.vocab_size = len(tok)
     text.pad_token_id = tok.pad_token_id
@@ -75,7 +76,7 @@ def build_tiny(tok: PreTrainedTokenizerBase, preset: TinyPreset = TinyPreset(), 
         num_key_value_heads=preset.heads, max_position_embeddings=1024,
     )
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(_llava_config(vision, text, tok)).eval()
+    return LlavaForConditionalGeneration(llava_config(vision, text, tok)).eval()
 
 
 def build_from_pretrained(vision_uri: str, llm_uri: str, tok: PreTrainedTokenizerBase,
@@ -85,7 +86,7 @@ def build_from_pretrained(vision_uri: str, llm_uri: str, tok: PreTrainedTokenize
     llm_dir = storage.copy_dir_to_local(llm_uri, tempfile.mkdtemp(prefix="medvl-llm-"))
     vision_cfg = AutoConfig.from_pretrained(vision_dir)
     vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)  # full CLIP dir or vision-only
-    model = LlavaForConditionalGeneration(_llava_config(vision_cfg, AutoConfig.from_pretrained(llm_dir), tok))
+    model = LlavaForConditionalGeneration(llava_config(vision_cfg, AutoConfig.from_pretrained(llm_dir), tok))
     model.model.vision_tower = CLIPVisionModel.from_pretrained(vision_dir, config=vision_cfg, dtype=dtype)
     llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
     llm.resize_token_embeddings(len(tok))
@@ -113,8 +114,6 @@ def save_hf(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase, 
         model.save_pretrained(local, safe_serialization=True)
         processor_for(model, tok).save_pretrained(local)
         if storage.is_s3(uri):
-            import os
-
             for name in os.listdir(local):
                 with open(os.path.join(local, name), "rb") as f:
                     storage.write_bytes(storage.join(uri, name), f.read())

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPVisionModel, LlamaConfig, LlavaForConditionalGeneration
 
 from medvl import storage
-from medvl.model.build import _llava_config, save_hf
+from medvl.model.build import llava_config, save_hf
 from medvl.serving.engine import write_meta
 from medvl.tokenizer import prepare
 
@@ -84,7 +84,7 @@ def convert_llava(src: str, vision_tower: str, dst: str) -> LlavaForConditionalG
     llama_fields = set(LlamaConfig().to_dict())  # everything else is LLaVA's or bookkeeping
     text_cfg = LlamaConfig(**{k: v for k, v in raw.items() if k in llama_fields
                               and k not in ("architectures", "model_type", "transformers_version")})
-    config = _llava_config(vision.config, text_cfg, tok)
+    config = llava_config(vision.config, text_cfg, tok)
     config.vision_feature_layer = raw.get("mm_vision_select_layer", -2)
     model = LlavaForConditionalGeneration(config)
 

@@ -92,6 +92,8 @@ class Engine:
         self.template = templates.get(meta["template"])
         self.spec = ImageSpec(size=meta["image_size"], aspect=meta["aspect"])
         self.num_image_tokens = self.model.config.image_seq_length
+        end = self.template.answer_end  # tokens that close an answer: computed once, not per token
+        self.stop_ids = {self.tok.eos_token_id} | ({self.tok.convert_tokens_to_ids(end)} if end else set())
 
     def prepare(self, req: Request, max_pixels: int = 50_000_000) -> Prepared:
         """Prompt ids (built by the training code path) and uint8 pixels; ``ImageError`` if bad."""
@@ -138,7 +140,7 @@ class Engine:
 
     def _advance(self, i, r: Request, token: int, dec: IncrementalDecoder, texts, step):
         """Append one token to request ``i``; return (delta, finish reason or None)."""
-        if token == self.tok.eos_token_id or token in self.template_stop_ids:
+        if token in self.stop_ids:
             delta = dec.flush()
             texts[i] += delta
             return delta, "stop"
@@ -153,11 +155,6 @@ class Engine:
                 texts[i] = texts[i][:cut]
                 return delta, "stop"
         return delta, ("length" if step + 1 >= r.max_tokens else None)
-
-    @property
-    def template_stop_ids(self) -> set[int]:
-        end = self.template.answer_end
-        return {self.tok.convert_tokens_to_ids(end)} if end else set()
 
     @staticmethod
     def _sample(logits: torch.Tensor, r: Request, gen: torch.Generator) -> int:
