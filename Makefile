@@ -20,12 +20,10 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
+# The main job on a local Ray: demo data -> preprocess -> stage 1 -> stage 2 -> eval -> export ->
+# deploy + one request through the openai client; summary in runs/demo/summary.md.
 demo: setup
-	$(VENV)/bin/medvl demo-data --output demo-data
-	$(VENV)/bin/medvl preprocess --config workflows/configs/demo.yaml --section preprocess_alignment
-	$(VENV)/bin/medvl preprocess --config workflows/configs/demo.yaml --section preprocess_instruction
-	$(VENV)/bin/medvl train --config workflows/configs/demo.yaml --stage 1
-	$(VENV)/bin/medvl train --config workflows/configs/demo.yaml --stage 2
+	$(VENV)/bin/python workflows/pipeline.py --config workflows/configs/demo.yaml
 
 bench: setup
 	$(PY) benchmarks/preprocess.py
@@ -33,4 +31,4 @@ bench: setup
 	$(PY) benchmarks/train.py
 
 clean:
-	rm -rf $(VENV) runs demo-data benchmarks/out
+	rm -rf $(VENV) runs benchmarks/out

@@ -59,6 +59,26 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(train(_config_from_args(TrainConfig, args)), indent=2))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from medvl.eval.evaluate import EvalConfig, evaluate
+
+    metrics = evaluate(_config_from_args(EvalConfig, args))
+    print(json.dumps({k: metrics[k] for k in ("n", "errors", "closed_chance", "overall")}, indent=2))
+
+
+def cmd_import_vqa(args: argparse.Namespace) -> None:
+    from medvl.eval.importers import import_vqa
+
+    n = import_vqa(args.format, args.src, args.output, args.split, args.lang)
+    print(f"wrote {n} records to {args.output}; evaluate with --data {args.output} --image-root {args.src}")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from medvl.pipeline import run_pipeline
+
+    run_pipeline(args.config, args.output, args.only, args.start, args.until, args.keep_serving, args.force)
+
+
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from medvl.data.demo import build_demo_data
 
@@ -93,6 +113,8 @@ def cmd_export_projector(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from medvl.data.preprocess import PreprocessConfig
+    from medvl.eval.evaluate import EvalConfig
+    from medvl.eval.importers import IMPORTERS
     from medvl.serving.api import ServeConfig
     from medvl.train.config import TrainConfig
 
@@ -103,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("preprocess", "LLaVA/ChiMed-VL records + images -> Parquet shards (Ray Data)",
          cmd_preprocess, PreprocessConfig),
         ("train", "one curriculum stage on Ray Train + DeepSpeed (--stage 1|2)", cmd_train, TrainConfig),
+        ("eval", "medical VQA evaluation with Ray Data batch inference -> metrics + report",
+         cmd_eval, EvalConfig),
+        ("import-vqa", "VQA-RAD / SLAKE / PathVQA / PMC-VQA release files -> eval records",
+         cmd_import_vqa, None),
+        ("pipeline", "the whole job: preprocess -> stage 1 -> stage 2 -> evaluate -> export -> deploy",
+         cmd_pipeline, None),
         ("demo-data", "build the demo corpus from real DICOM files that install offline",
          cmd_demo_data, None),
         ("serve", "serve an exported model behind an OpenAI-compatible endpoint (Ray Serve)",
@@ -127,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.choices["export-projector"]
     exp.add_argument("--model", required=True, help="HF model directory (path or s3://)")
     exp.add_argument("--output", required=True, help="file to write, e.g. mm_projector.bin")
+    from medvl.pipeline import STEPS
+
+    pipe = sub.choices["pipeline"]
+    pipe.add_argument("--config", required=True, help="YAML recipe (workflows/configs/*.yaml)")
+    pipe.add_argument("--output", help="run URI; replaces the recipe's `run` (and every ${run} in it)")
+    pipe.add_argument("--only", choices=STEPS, help="run just this step")
+    pipe.add_argument("--from", dest="start", choices=STEPS, help="start at this step")
+    pipe.add_argument("--until", choices=STEPS, help="stop after this step")
+    pipe.add_argument("--keep-serving", action="store_true",
+                      help="local Ray: keep the endpoint up after the check request (Ctrl-C stops)")
+    pipe.add_argument("--force", action="store_true", help="redo selected steps even if complete")
+    imp = sub.choices["import-vqa"]
+    imp.add_argument("--format", required=True, choices=sorted(IMPORTERS), help="the release's layout")
+    imp.add_argument("--src", required=True, help="unpacked release directory (path or s3://)")
+    imp.add_argument("--output", required=True, help="records file to write (.jsonl)")
+    imp.add_argument("--split", default="test", help="split to import (vqa-rad: test|train|all)")
+    imp.add_argument("--lang", default="all", choices=["all", "en", "zh"], help="SLAKE: question language")
     srv = sub.choices["serve"]
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     srv.add_argument("--port", type=int, default=8000, help="HTTP port")

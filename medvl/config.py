@@ -87,11 +87,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def expand(value: Any, run: str) -> Any:
+    """Replace ``${run}`` in every string of a nested YAML value."""
+    if isinstance(value, str):
+        return value.replace("${run}", run)
+    if isinstance(value, dict):
+        return {k: expand(v, run) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand(v, run) for v in value]
+    return value
+
+
+def read_recipe(path: str, run: str | None = None) -> dict[str, Any]:
+    """A YAML recipe with ``${run}`` expanded to its top-level ``run`` URI (or ``run`` given here),
+    so one line moves a whole run, e.g. from ``runs/demo`` to ``s3://bucket/run``."""
+    doc = yaml.safe_load(storage.read_text(path)) or {}
+    run = storage.absolute(str(run or doc.get("run", "")))  # jobs run in another working dir
+    return expand({**doc, "run": run}, run)
+
+
 def load(cls: type[T], path: str | None = None, overrides: list[str] | None = None,
          section: str | None = None) -> T:
     """Load ``cls`` from a YAML file (optionally one top-level ``section`` of it) + overrides."""
     data: dict[str, Any] = {}
     if path:
-        doc = yaml.safe_load(storage.read_text(path)) or {}
+        doc = read_recipe(path)
         data = doc.get(section, {}) if section else doc
     return from_dict(cls, apply_overrides(dict(data), overrides or []))

@@ -106,6 +106,13 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def delete_file(uri: str) -> None:
+    """Delete a file if it exists."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def copy_dir_to_local(uri: str, local_dir: str) -> str:
     """Mirror a directory URI into ``local_dir`` (a no-op for local URIs); return the local path.
 
@@ -121,3 +128,21 @@ def copy_dir_to_local(uri: str, local_dir: str) -> str:
         with open(target, "wb") as f:
             f.write(read_bytes(file_uri))
     return local_dir
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy a directory between any two URIs (local <-> S3 included), replacing ``dst``."""
+    delete_dir(dst)
+    src_fs, src_path = resolve(src)
+    dst_fs, dst_path = resolve(dst)
+    dst_fs.create_dir(dst_path, recursive=True)
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def stamp(uri: str) -> list[int]:
+    """(size, mtime in ns) of a file: a cheap fingerprint of a raw input for re-run checks."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(uri)
+    return [info.size, info.mtime_ns or 0]

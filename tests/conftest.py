@@ -112,3 +112,46 @@ CHINESE_QA_TEXT = [
     "可见，肝右叶见一直径约2厘米的低密度结节，边界清楚。",
     "磁共振T2加权像显示肩袖撕裂。",
 ]
+
+
+def stage1_cfg(shards, demo_dir, output: str, name: str, **kw):
+    """The stage-1 recipe the training tests share (fault tests compare against its run)."""
+    from medvl.train.config import TrainConfig
+
+    base = dict(stage=1, data=str(shards / "al"), output=output, name=name, tokenizer=str(demo_dir / "tokenizer"),
+                batch_size=4, lr=1e-2, epochs=3, checkpoint_every=10, zero_stage=2, log_every=100)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def demo_shards(ray_cluster, demo_dir, tmp_path_factory):
+    """The demo corpus preprocessed: ``al`` (alignment, plain) and ``in`` (instruction, v1)."""
+    from medvl.data.preprocess import PreprocessConfig, preprocess
+
+    out = tmp_path_factory.mktemp("shards")
+    common = dict(image_root=str(demo_dir / "images"), tokenizer=str(demo_dir / "tokenizer"),
+                  image_size=32, num_image_tokens=16, max_length=256)
+    preprocess(PreprocessConfig(data=str(demo_dir / "alignment_train.jsonl"), output=str(out / "al"),
+                                template="plain", **common))
+    preprocess(PreprocessConfig(data=str(demo_dir / "instruction_train.jsonl"), output=str(out / "in"),
+                                template="v1", **common))
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage1(demo_shards, demo_dir, tmp_path_factory):
+    """An uninterrupted stage-1 run (ZeRO-2) on the demo corpus."""
+    from medvl.train.trainer import train
+
+    return train(stage1_cfg(demo_shards, demo_dir, str(tmp_path_factory.mktemp("s1")), "stage1"))
+
+
+@pytest.fixture(scope="session")
+def stage2(stage1, demo_shards, tmp_path_factory):
+    """Stage 2 (ZeRO-3) from stage 1's export: the trained demo model of the eval tests."""
+    from medvl.train.config import TrainConfig
+    from medvl.train.trainer import train
+
+    return train(TrainConfig(stage=2, data=str(demo_shards / "in"), output=str(tmp_path_factory.mktemp("s2")),
+                             name="stage2", init=stage1["hf"], batch_size=4, lr=2e-3, epochs=1, zero_stage=3,
+                             log_every=100))

@@ -11,6 +11,7 @@ trained on the corpus text.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -30,16 +31,27 @@ GROUPS: dict[str, list[str]] = {
     "ct_small": ["CT_small.dcm"],
     "ct_pancreas": ["explicit_VR-UN.dcm"],
     "ct_head": ["J2K_pixelrep_mismatch.dcm"],
+    "ct_supplemental": ["eCT_Supplemental.dcm"],
+    "ct_brain_series": ["dicomdirtests/77654033/CT2/*"],  # a series: several different slices
+    "ct_cardiac_series": ["dicomdirtests/98892001/CT5N/*"],
+    "ct_scout": ["dicomdirtests/98892001/CT2N/*"],
     "mr_shoulder": ["MR2_UNCI.dcm", "MR2_UNCR.dcm", "MR2_J2KI.dcm", "MR2_J2KR.dcm"],
     "mr_small": ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_bigendian.dcm"],
     "mr_head": ["emri_small.dcm", "emri_small_RLE.dcm", "emri_small_big_endian.dcm"],
     "mr_abdomen": ["MR-SIEMENS-DICOM-WithOverlays.dcm", "examples_overlay.dcm"],
+    "mr_angio_series": ["dicomdirtests/98892003/MR700/*"],
+    "mr_pilot_series": ["dicomdirtests/98892003/MR2/*"],
+    "mr_localizer_series": ["dicomdirtests/98892003/MR1/*"],
     "xr_chest": ["RG1_UNCI.dcm", "RG1_UNCR.dcm", "RG1_J2KI.dcm", "RG1_J2KR.dcm"],
     "xr_extremity": ["RG3_UNCI.dcm", "RG3_UNCR.dcm", "RG3_J2KI.dcm", "RG3_J2KR.dcm"],
+    "xr_cspine_series": ["dicomdirtests/77654033/CR*/*"],
     "us_abdomen": ["US1_UNCI.dcm", "US1_UNCR.dcm", "US1_J2KI.dcm", "US1_J2KR.dcm"],
     "us_ob": ["OBXXXX1A.dcm", "OBXXXX1A_rle.dcm", "OBXXXX1A_expb.dcm"],
     "us_echo": ["color-pl.dcm", "color-px.dcm"],
     "us_color": ["examples_rgb_color.dcm", "examples_ybr_color.dcm", "examples_palette.dcm"],
+    "us_small": ["ExplVR_BigEnd.dcm"],
+    "us_3d": ["color3d_jpeg_baseline.dcm"],
+    "us_aloka": ["gdcm-US-ALOKA-16.dcm"],
 }
 HELD_OUT = {"ct_pancreas", "mr_head", "us_echo", "xr_extremity"}
 
@@ -50,7 +62,8 @@ BODY_ZH = {"CHEST": "胸部", "THORAX": "胸部", "EXTREMITY": "四肢", "ABDOME
 
 
 def find_dicom_files() -> dict[str, str]:
-    """Bundled DICOM file name -> path, by enumerating the installed packages."""
+    """Bundled DICOM files by name, by enumerating the installed packages: ``*.dcm`` by file
+    name, the extension-less files of pydicom's DICOMDIR tree by their path in it."""
     import pydicom.data
 
     roots = [os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")]
@@ -60,7 +73,16 @@ def find_dicom_files() -> dict[str, str]:
         roots.append(os.path.join(os.path.dirname(data_store.__file__), "data"))
     except ImportError:
         pass
-    return {os.path.basename(p): p for r in roots for p in glob.glob(f"{r}/**/*.dcm", recursive=True)}
+    files = {os.path.basename(p): p for r in roots for p in glob.glob(f"{r}/**/*.dcm", recursive=True)}
+    tree = glob.glob(f"{roots[0]}/dicomdirtests/*/*/*")
+    files.update({os.path.relpath(p, roots[0]): p for p in tree if os.path.isfile(p)})
+    return files
+
+
+def _members(patterns: list[str], files: dict[str, str]) -> list[str]:
+    """The names of a group present in this installation (patterns may be globs)."""
+    return sorted({n for pat in patterns for n in files if fnmatch.fnmatchcase(n, pat)},
+                  key=lambda n: (patterns.index(next(p for p in patterns if fnmatch.fnmatchcase(n, p))), n))
 
 
 def describe(path: str) -> tuple[str, str | None, str]:
@@ -76,12 +98,13 @@ def describe(path: str) -> tuple[str, str | None, str]:
 
 def _augment(img: Image.Image, rng: random.Random) -> Image.Image:
     w, h = img.size
-    s = rng.uniform(0.8, 1.0)
+    s = rng.uniform(0.6, 1.0)
     cw, ch = int(w * s), int(h * s)
     x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
     img = img.crop((x, y, x + cw, y + ch))
     if rng.random() < 0.5:
         img = ImageOps.mirror(img)
+    img = img.rotate(rng.uniform(-10, 10), resample=Image.Resampling.BILINEAR)
     gamma = rng.uniform(0.7, 1.4)  # a different display window
     arr = (255.0 * (np.asarray(img, np.float32) / 255.0) ** gamma).astype(np.uint8)
     img = Image.fromarray(arr)
@@ -89,10 +112,11 @@ def _augment(img: Image.Image, rng: random.Random) -> Image.Image:
     return img
 
 
-def _conversations(modality: str, body: str | None) -> list[dict]:
-    """Instruction samples for one image: open, multiple-choice and yes/no questions."""
+def _conversations(modality: str, body: str | None, rng: random.Random) -> list[dict]:
+    """Instruction samples for one image: open, multiple-choice and yes/no questions (one
+    answered 是, one 否, so guessing one answer scores half)."""
     what = f"{body}{modality}" if body else modality
-    asked = random.Random(modality + str(body)).choice([c for c in CHOICES if c != modality])
+    asked = rng.choice([c for c in CHOICES if c != modality])
     qa = [
         ("这是什么检查？", f"这是一张{what}图像。", "open", None),
         ("这张图像的检查方式是什么？选项：" + "、".join(CHOICES), modality, "closed", CHOICES),
@@ -118,24 +142,27 @@ def build_demo_data(output: str, variants: int = 10, seed: int = 0) -> dict:
                                    for s in ("train", "heldout")}
     for group, names in GROUPS.items():
         split = "heldout" if group in HELD_OUT else "train"
-        present = [n for n in names if n in files]
+        present = _members(names, files)
         if not present:
             continue
         modality, body, study = describe(files[present[0]])
-        base = Image.fromarray(dicom_to_rgb(Path(files[present[0]]).read_bytes(), 10**8))
+        series = any("*" in n for n in names)  # different slices, not re-encodings of one image
+        bases = [Image.fromarray(dicom_to_rgb(Path(files[n]).read_bytes(), 10**8))
+                 for n in (present if series else present[:1])]
         image_names = []
         for n in present:  # the DICOM files themselves, so the pipeline decodes DICOM
-            shutil.copyfile(files[n], out / "images" / n)
-            image_names.append(n)
+            name = n if n.endswith(".dcm") else n.replace("/", "_") + ".dcm"
+            shutil.copyfile(files[n], out / "images" / name)
+            image_names.append(name)
         for k in range(variants if split == "train" else 2):
             name = f"{group}_{k:02d}.png"
-            _augment(base, rng).save(out / "images" / name)
+            _augment(rng.choice(bases), rng).save(out / "images" / name)
             image_names.append(name)
         caption = f"{body or ''}{modality}图像" + (f"，{study}。" if study else "。")
         for i, img in enumerate(image_names):
             extra = {"modality": modality, "source": group}
             sets[f"alignment_{split}"].append(_record(f"{group}-{i}-cap", img, "", caption, **extra))
-            for j, c in enumerate(_conversations(modality, body)):
+            for j, c in enumerate(_conversations(modality, body, rng)):
                 sets[f"instruction_{split}"].append(_record(
                     f"{group}-{i}-q{j}", img, c["question"], c["answer"],
                     answer_type=c["answer_type"], choices=c["choices"], **extra))

@@ -141,14 +141,22 @@ def _absolute(cfg: ServeConfig) -> ServeConfig:
 
 def build_app(args: dict) -> serve.Application:
     """Serve application builder: ``args`` are ``ServeConfig`` fields (see serve/config.yaml)."""
-    cfg = _absolute(config.from_dict(ServeConfig, dict(args)))
+    cfg = config.from_dict(ServeConfig, dict(args))
     if not cfg.model:
         raise ValueError("serve: `model` (an exported HF model directory URI) is required")
+    return application(cfg)
+
+
+def application(cfg: ServeConfig, num_cpus: float | None = None) -> serve.Application:
+    """Our deployment (CPU or GPU) or, with ``backend: vllm``, ray.serve.llm's."""
+    cfg = _absolute(cfg)
     if cfg.backend == "vllm":
         from medvl.serving.vllm import build_vllm_app
 
         return build_vllm_app(cfg)
-    return ChatDeployment.bind(cfg)
+    if num_cpus is None:
+        return ChatDeployment.bind(cfg)
+    return ChatDeployment.options(ray_actor_options={"num_cpus": num_cpus}).bind(cfg)
 
 
 def run_local(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
@@ -159,5 +167,4 @@ def run_local(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, block
     if not ray.is_initialized():
         ray.init()
     serve.start(http_options={"host": host, "port": port})
-    app = ChatDeployment.options(ray_actor_options={"num_cpus": num_cpus}).bind(_absolute(cfg))
-    serve.run(app, name="medvl", route_prefix="/", blocking=blocking)
+    serve.run(application(cfg, num_cpus), name="medvl", route_prefix="/", blocking=blocking)

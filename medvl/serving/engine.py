@@ -85,8 +85,10 @@ class IncrementalDecoder:
 class Engine:
     """One model + tokenizer + template, loaded once per Serve replica."""
 
-    def __init__(self, model_uri: str):
-        self.model = load_hf(model_uri)
+    def __init__(self, model_uri: str, device: str = "cpu"):
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16  # bf16 on GPU, as trained
+        self.device = torch.device(device)
+        self.model = load_hf(model_uri, dtype=dtype).to(self.device)
         self.tok = load_tokenizer(model_uri)
         meta = _read_meta(self.model, model_uri)
         self.template = templates.get(meta["template"])
@@ -118,6 +120,7 @@ class Engine:
         cache, step = out.cache, 0
         logits = out.logits[:, -1]
         while True:
+            logits = logits.float().cpu()  # sampling (and its seeded generators) on the CPU
             next_ids = [self._sample(logits[i], reqs[i], gens[i]) for i in range(len(reqs))]
             chunks: list[Chunk | None] = []
             for i, (r, t) in enumerate(zip(reqs, next_ids, strict=True)):
@@ -132,9 +135,9 @@ class Engine:
             step += 1
             if all(done):
                 return
-            mask = torch.cat([mask, torch.ones(len(reqs), 1, dtype=mask.dtype)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(len(reqs), 1)], dim=1)
             positions = positions[:, -1:] + 1
-            out = self.model(input_ids=torch.tensor(next_ids)[:, None], attention_mask=mask,
+            out = self.model(input_ids=torch.tensor(next_ids, device=self.device)[:, None], attention_mask=mask,
                              position_ids=positions, cache=cache, use_cache=True)
             cache, logits = out.cache, out.logits[:, -1]
 
@@ -177,7 +180,9 @@ class Engine:
         # have an image contribute pixels.
         images = [p.pixels for p in batch if p.pixels is not None]
         pixels = torch.from_numpy(normalize(np.stack(images))) if images else None
-        return ids, mask, pixels
+        if pixels is not None:
+            pixels = pixels.to(self.device, self.model.dtype)
+        return ids.to(self.device), mask.to(self.device), pixels
 
 
 def _read_meta(model, uri: str) -> dict:

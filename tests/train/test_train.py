@@ -12,38 +12,14 @@ import pytest
 import torch
 
 from medvl import storage
-from medvl.data.preprocess import PreprocessConfig, preprocess
 from medvl.model.build import build_tiny, load_hf
 from medvl.serving.engine import Engine, Request
 from medvl.tokenizer import load as load_tokenizer
 from medvl.train.config import TrainConfig
 from medvl.train.trainer import train
+from tests.conftest import stage1_cfg
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-@pytest.fixture(scope="module")
-def data(demo_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("traindata")
-    common = dict(image_root=str(demo_dir / "images"), tokenizer=str(demo_dir / "tokenizer"),
-                  image_size=32, num_image_tokens=16, max_length=256)
-    preprocess(PreprocessConfig(data=str(demo_dir / "alignment_train.jsonl"), output=str(out / "al"),
-                                template="plain", **common))
-    preprocess(PreprocessConfig(data=str(demo_dir / "instruction_train.jsonl"), output=str(out / "in"),
-                                template="v1", **common))
-    return out
-
-
-def stage1_cfg(data, demo_dir, output, name, **kw) -> TrainConfig:
-    base = dict(stage=1, data=str(data / "al"), output=output, name=name, tokenizer=str(demo_dir / "tokenizer"),
-                batch_size=4, lr=1e-2, epochs=3, checkpoint_every=10, zero_stage=2, log_every=100)
-    return TrainConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def stage1(data, demo_dir, tmp_path_factory):
-    """The uninterrupted stage-1 run every fault test is compared with."""
-    return train(stage1_cfg(data, demo_dir, str(tmp_path_factory.mktemp("s1")), "stage1"))
 
 
 def _falls(summary_losses: list[float]) -> bool:
@@ -77,12 +53,11 @@ def test_stage1_trains_only_the_projector(stage1, demo_dir):
                            after["model.multi_modal_projector.linear_1.weight"])
 
 
-def test_stage2_starts_from_stage1_and_exports_a_working_model(stage1, data, tmp_path):
-    s2 = train(TrainConfig(stage=2, data=str(data / "in"), output=str(tmp_path / "s2"), name="stage2",
-                           init=stage1["hf"], batch_size=4, lr=2e-3, epochs=1, zero_stage=3, log_every=100))
+def test_stage2_starts_from_stage1_and_exports_a_working_model(stage1, stage2):
     # The projector stage 2 started from is stage 1's final projector, bit for bit (ZeRO-3).
-    assert s2["init_projector_sha256"] == projector_sha(load_hf(stage1["hf"]))
-    assert _falls(_losses(str(tmp_path / "s2")))
+    assert stage2["init_projector_sha256"] == projector_sha(load_hf(stage1["hf"]))
+    assert _falls(_losses(os.path.dirname(stage2["hf"])))
+    s2 = stage2
     # The export opens in plain transformers (no DeepSpeed) and generates.
     engine = Engine(s2["hf"])
     req = Request(turns=[("<image>\n这是什么检查？", None)], image=_png_bytes(), max_tokens=8)
@@ -116,19 +91,19 @@ def kill_a_worker_mid_run(output: str, name: str) -> threading.Thread:
     return t
 
 
-def test_killed_worker_run_finishes_like_an_uninterrupted_one(stage1, data, demo_dir, tmp_path):
+def test_killed_worker_run_finishes_like_an_uninterrupted_one(stage1, demo_shards, demo_dir, tmp_path):
     out = str(tmp_path / "ft")
     killer = kill_a_worker_mid_run(out, "killed")
-    s = train(stage1_cfg(data, demo_dir, out, "killed", max_failures=2))
+    s = train(stage1_cfg(demo_shards, demo_dir, out, "killed", max_failures=2))
     killer.join(timeout=5)
     assert s["resumed_from"], "no worker was restored: the kill did not land mid-run"
     assert s["steps"] == stage1["steps"]
     assert s["last_loss"] == pytest.approx(stage1["last_loss"], rel=1e-4)
 
 
-def test_s3_checkpoints_resume_after_a_driver_level_failure(stage1, data, demo_dir, s3_endpoint):
+def test_s3_checkpoints_resume_after_a_driver_level_failure(stage1, demo_shards, demo_dir, s3_endpoint):
     out = f"{s3_endpoint}/runs/s1"
-    cfg = stage1_cfg(data, demo_dir, out, "crashy", max_failures=0)
+    cfg = stage1_cfg(demo_shards, demo_dir, out, "crashy", max_failures=0)
     killer = kill_a_worker_mid_run(out, "crashy")
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker death in its own error
         train(cfg)
@@ -139,8 +114,8 @@ def test_s3_checkpoints_resume_after_a_driver_level_failure(stage1, data, demo_d
     assert storage.exists(storage.join(out, "hf", "model.safetensors"))
 
 
-def test_stage2_lora_exports_a_merged_plain_model(stage1, data, tmp_path):
-    s2 = train(TrainConfig(stage=2, data=str(data / "in"), output=str(tmp_path / "lora"), name="lora",
+def test_stage2_lora_exports_a_merged_plain_model(stage1, demo_shards, tmp_path):
+    s2 = train(TrainConfig(stage=2, data=str(demo_shards / "in"), output=str(tmp_path / "lora"), name="lora",
                            init=stage1["hf"], batch_size=4, lr=1e-2, mm_projector_lr=2e-3, epochs=1,
                            zero_stage=2, lora_r=8, lora_alpha=16, lora_dropout=0.0, log_every=100))
     assert _falls(_losses(str(tmp_path / "lora")))

@@ -1,0 +1,337 @@
+"""``medvl pipeline``: corpus -> served model as one Ray job (what ``ray job submit`` runs).
+
+Steps, in order: demo-data (demo recipes only) -> preprocess-alignment ->
+preprocess-instruction -> stage1 -> stage2 -> evaluate -> export -> deploy. Each is a plain
+function call on the job's Ray cluster (Ray Data, Ray Train, Ray Serve do the distributing)
+writing under the run URI, and ends by writing ``_SUCCESS`` in its artifact directory: the
+hash of its config, raw inputs and upstream markers, plus its result. A re-run skips every
+step whose marker hash matches and redoes the rest, so a crashed job resumes where it
+stopped; a step that crashed mid-way with an unchanged config resumes from its own Ray
+Train checkpoints, while a step whose config changed starts from an empty directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from medvl import config, storage
+from medvl.data.preprocess import PreprocessConfig
+from medvl.eval.evaluate import EvalConfig
+from medvl.serving.api import ServeConfig
+from medvl.train.config import TrainConfig
+
+STEPS = ("demo-data", "preprocess-alignment", "preprocess-instruction", "stage1", "stage2",
+         "evaluate", "export", "deploy")
+MARKER, STARTED = "_SUCCESS", "_STARTED"
+
+
+@dataclass
+class DemoDataConfig:
+    output: str = field(default="", metadata={"help": "where `medvl demo-data` writes the corpus"})
+    variants: int = field(default=10, metadata={"help": "augmented copies per training image"})
+    seed: int = field(default=0, metadata={"help": "augmentation seed"})
+
+
+@dataclass
+class DeployConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "HTTP address (0.0.0.0 on a cluster)"})
+    port: int = field(default=8000, metadata={"help": "HTTP port of Serve's proxy"})
+    num_cpus: float = field(default=1.0, metadata={"help": "CPUs per replica"})
+    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per replica"})
+    probe: str = field(default="", metadata={"help": "records to pick the check request from (default: eval.data)"})
+
+
+@dataclass
+class Recipe:
+    """A whole recipe file: the run URI and one section per step."""
+
+    run: str = ""
+    preprocess_alignment: PreprocessConfig = field(default_factory=PreprocessConfig)
+    preprocess_instruction: PreprocessConfig = field(default_factory=PreprocessConfig)
+    stage1: TrainConfig = field(default_factory=TrainConfig)
+    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(stage=2))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+    demo_data: DemoDataConfig | None = None
+
+
+@dataclass
+class Step:
+    name: str
+    artifact: str  # directory URI holding the step's outputs and its _SUCCESS marker
+    config: Any  # hashed: a change re-runs the step
+    run: Callable[[], dict]  # returns the result recorded in the marker and the summary
+    deps: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()  # raw input files, fingerprinted by size + mtime
+
+
+def load_recipe(path: str, run: str | None = None) -> Recipe:
+    recipe = config.from_dict(Recipe, config.read_recipe(path, run))
+    if not recipe.run:
+        raise ValueError(f"{path}: a top-level `run` URI (or --output) is required")
+    return recipe
+
+
+def build_steps(r: Recipe, owned_ray: bool, keep_serving: bool) -> list[Step]:
+    """The step graph of a recipe; artifacts are the recipe's own output URIs."""
+    from medvl.data.demo import build_demo_data
+    from medvl.data.preprocess import preprocess
+    from medvl.eval.evaluate import evaluate
+    from medvl.train.trainer import train
+
+    model = storage.join(r.run, "model")
+    steps = []
+    if r.demo_data is not None:
+        d = r.demo_data
+        steps.append(Step("demo-data", d.output, d,
+                          lambda: {"counts": build_demo_data(storage.absolute(d.output), d.variants, d.seed)}))
+    data_dep = ("demo-data",) if r.demo_data is not None else ()
+    for name, cfg in (("preprocess-alignment", r.preprocess_alignment),
+                      ("preprocess-instruction", r.preprocess_instruction)):
+        steps.append(Step(name, cfg.output, cfg, lambda c=cfg: _counts(preprocess(c)), data_dep,
+                          (cfg.data,)))
+    steps += [
+        Step("stage1", r.stage1.output, r.stage1, lambda: train(r.stage1), ("preprocess-alignment",)),
+        Step("stage2", r.stage2.output, r.stage2, lambda: train(r.stage2),
+             ("stage1", "preprocess-instruction")),
+        Step("evaluate", r.eval.output, r.eval, lambda: _eval_result(evaluate(r.eval)),
+             ("stage2", *data_dep), (r.eval.data,)),
+        Step("export", model, {"from": storage.join(r.stage2.output, "hf")},
+             lambda: _export(storage.join(r.stage2.output, "hf"), model), ("stage2",)),
+        Step("deploy", storage.join(r.run, "deploy"), {"serve": r.serve, "deploy": r.deploy},
+             lambda: deploy(r, model, owned_ray, keep_serving), ("export", *data_dep)),
+    ]
+    return steps
+
+
+def _counts(manifest: dict) -> dict:
+    return {k: manifest[k] for k in ("records_in", "records_kept", "records_rejected", "rejects_by_reason")}
+
+
+def _eval_result(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("n", "errors", "closed_chance", "overall", "by_answer_type")}
+
+
+def _export(src: str, dst: str) -> dict:
+    """The served model: stage 2's HF directory, copied to ``RUN/model``."""
+    storage.copy_dir(src, dst)
+    return {"model": dst, "files": len(storage.list_files(dst))}
+
+
+def step_hash(step: Step, markers: dict[str, dict]) -> str:
+    """Config + raw input fingerprints + upstream completions (a re-run upstream re-runs us)."""
+    cfg = dataclasses.asdict(step.config) if dataclasses.is_dataclass(step.config) else step.config
+    blob = {"step": step.name, "config": _plain(cfg),
+            "inputs": {u: storage.stamp(u) for u in step.inputs},
+            "deps": {d: [markers[d]["hash"], markers[d]["finished_at"]] for d in step.deps if d in markers}}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def read_marker(artifact: str, name: str = MARKER) -> dict | None:
+    uri = storage.join(artifact, name)
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def select(names: list[str], only: str | None, start: str | None, until: str | None) -> list[str]:
+    for s in (only, start, until):
+        if s is not None and s not in names:
+            raise ValueError(f"unknown step {s!r}; steps of this recipe: {', '.join(names)}")
+    if only:
+        return [only]
+    lo = names.index(start) if start else 0
+    hi = names.index(until) + 1 if until else len(names)
+    return names[lo:hi]
+
+
+def run_pipeline(path: str, output: str | None = None, only: str | None = None, start: str | None = None,
+                 until: str | None = None, keep_serving: bool = False, force: bool = False) -> dict:
+    """Run the selected steps of a recipe, skipping completed ones; write and return the summary."""
+    import ray
+
+    recipe = load_recipe(path, output)
+    owned = not os.environ.get("RAY_ADDRESS")  # `ray job submit` sets it; `make demo` does not
+    if not ray.is_initialized():
+        ray.init()
+    steps = build_steps(recipe, owned, keep_serving)
+    chosen = select([s.name for s in steps], only, start, until)
+    markers = {s.name: m for s in steps if (m := read_marker(s.artifact))}
+    status: dict[str, dict] = {}
+    for step in steps:
+        if step.name not in chosen:
+            status[step.name] = {"status": "complete" if step.name in markers else "not run"}
+            continue
+        missing = [d for d in step.deps if d not in markers]
+        if missing:
+            raise ValueError(f"step {step.name} needs {', '.join(missing)} to have completed first")
+        digest = step_hash(step, markers)
+        done = markers.get(step.name)
+        if done and done["hash"] == digest and not force and not _redeploy(step, owned, keep_serving):
+            print(f"[pipeline] {step.name}: skipped (complete, hash {digest})", flush=True)
+            status[step.name] = {"status": "skipped", "seconds": done["seconds"]}
+            continue
+        markers[step.name] = run_step(step, digest, done)
+        status[step.name] = {"status": "ran", "seconds": markers[step.name]["seconds"]}
+    return write_summary(recipe, path, markers, status)
+
+
+def run_step(step: Step, digest: str, done: dict | None) -> dict:
+    """Run one step; its directory is emptied first unless it holds a crashed run of this config."""
+    started = read_marker(step.artifact, STARTED)
+    if (done and done["hash"] != digest) or (started and started["hash"] != digest):
+        storage.delete_dir(step.artifact)  # outputs of another config must not leak into this run
+    storage.delete_file(storage.join(step.artifact, MARKER))  # a stale marker must not survive a crash
+    storage.write_text(storage.join(step.artifact, STARTED), json.dumps({"hash": digest}))
+    print(f"[pipeline] {step.name}: running (hash {digest})", flush=True)
+    t0 = time.time()
+    result = step.run()
+    marker = {"step": step.name, "hash": digest, "started_at": t0, "finished_at": time.time(),
+              "seconds": round(time.time() - t0, 1), "result": result}
+    storage.write_text(storage.join(step.artifact, MARKER), json.dumps(marker, ensure_ascii=False, indent=2))
+    print(f"[pipeline] {step.name}: done in {marker['seconds']} s", flush=True)
+    return marker
+
+
+def _redeploy(step: Step, owned: bool, keep_serving: bool) -> bool:
+    """A deployment is a live app, not a file: redo it when the app is not running."""
+    if step.name != "deploy":
+        return False
+    if owned:
+        return keep_serving  # a driver-owned Ray's Serve app died with the previous driver
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get("medvl")
+    except Exception:  # noqa: BLE001 - Serve not started on this cluster
+        return True
+    return app is None or str(app.status) != "RUNNING"
+
+
+def deploy(r: Recipe, model: str, owned: bool, keep_serving: bool) -> dict:
+    """Serve ``model``, check it with one real request; on a driver-owned Ray, stop unless asked."""
+    from ray import serve
+
+    from medvl.serving.app import run_local
+
+    cfg = dataclasses.replace(r.serve, model=model)
+    d = r.deploy
+    run_local(cfg, d.host, d.port, blocking=False, num_cpus=d.num_cpus)
+    local = f"http://127.0.0.1:{d.port}/v1"
+    sample = probe(local, cfg.model_name, d.probe or r.eval.data, r.eval.image_root)
+    print(f"[pipeline] deploy: asked {sample['question']!r} about {sample['image']}\n"
+          f"[pipeline]   answer:   {sample['answer']}\n[pipeline]   expected: {sample['expected']}", flush=True)
+    if owned and keep_serving:
+        print(f"[pipeline] serving at {local} until Ctrl-C", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    if owned:
+        serve.shutdown()
+        return {"endpoint": local, "serving": False, "sample": sample}
+    import ray
+
+    host = ray.util.get_node_ip_address() if d.host in ("0.0.0.0", "::") else d.host
+    return {"endpoint": f"http://{host}:{d.port}/v1", "serving": True, "sample": sample}
+
+
+MIME = {".dcm": "application/dicom", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+def probe(url: str, model_name: str, records_uri: str, image_root: str) -> dict:
+    """One real chat completion through the official ``openai`` client: a held-out image
+    (a DICOM file when there is one) with its multiple-choice question."""
+    from openai import OpenAI
+
+    from medvl.eval.evaluate import load_eval_records
+
+    examples = load_eval_records(records_uri)
+    ex = next((e for e in examples if e["image"].lower().endswith(".dcm") and len(e.get("choices") or []) > 2),
+              examples[0])
+    data = storage.read_bytes(storage.join(image_root, ex["image"]))
+    mime = MIME.get(os.path.splitext(ex["image"])[1].lower(), "image/png")
+    keys = [k for k in os.environ.get("MEDVL_API_KEYS", "").split(",") if k]
+    client = OpenAI(base_url=url, api_key=keys[0] if keys else "none", timeout=120, max_retries=5)
+    reply = client.chat.completions.create(model=model_name, max_tokens=32, temperature=0, messages=[
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}},
+            {"type": "text", "text": ex["question"]}]}])
+    return {"image": ex["image"], "question": ex["question"], "answer": reply.choices[0].message.content,
+            "expected": ex["answer"]}
+
+
+def write_summary(r: Recipe, recipe_path: str, markers: dict[str, dict], status: dict[str, dict]) -> dict:
+    """``RUN/summary.json``, ``RUN/summary.md`` and ``RUN/plots/*.png`` from the step markers."""
+    res = {name: m["result"] for name, m in markers.items()}
+    summary = {
+        "run": r.run, "recipe": recipe_path,
+        "steps": {name: {**st, "hash": markers.get(name, {}).get("hash")} for name, st in status.items()},
+        "data": {k: res.get(f"preprocess-{k}") for k in ("alignment", "instruction")},
+        "stages": {k: {f: res[k][f] for f in ("steps", "first_loss", "last_loss")} for k in ("stage1", "stage2")
+                   if k in res},
+        "eval": res.get("evaluate"), "endpoint": res.get("deploy", {}).get("endpoint"),
+        "sample": res.get("deploy", {}).get("sample"),
+    }
+    plots = {"stage1_loss.png": storage.join(r.stage1.output, "loss.png"),
+             "stage2_loss.png": storage.join(r.stage2.output, "loss.png"),
+             "eval_metrics.png": storage.join(r.eval.output, "metrics.png")}
+    summary["plots"] = []
+    for name, src in plots.items():
+        if storage.exists(src):
+            storage.write_bytes(storage.join(r.run, "plots", name), storage.read_bytes(src))
+            summary["plots"].append(f"plots/{name}")
+    storage.write_text(storage.join(r.run, "summary.json"), json.dumps(summary, ensure_ascii=False, indent=2))
+    storage.write_text(storage.join(r.run, "summary.md"), summary_markdown(summary))
+    print(summary_markdown(summary), flush=True)
+    return summary
+
+
+def summary_markdown(s: dict) -> str:
+    lines = [f"# medvl run `{s['run']}`", "", f"Recipe: `{s['recipe']}`", "", "| step | status | seconds |",
+             "|---|---|---|"]
+    lines += [f"| {n} | {st['status']} | {st.get('seconds', '')} |" for n, st in s["steps"].items()]
+    lines += ["", "| data | records in | kept | rejected |", "|---|---|---|---|"]
+    lines += [f"| {k} | {d['records_in']} | {d['records_kept']} | {d['records_rejected']} |"
+              for k, d in s["data"].items() if d]
+    lines += ["", "| stage | steps | first loss | last loss |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['steps']} | {v['first_loss']:.3f} | {v['last_loss']:.3f} |" for k, v in s["stages"].items()]
+    if s["eval"]:
+        e, o = s["eval"], s["eval"]["overall"]
+        lines += ["", f"Evaluation ({e['n']} held-out questions, report: `eval/report.md`):", ""]
+        for kind, g in e["by_answer_type"].items():
+            shown = ", ".join(f"{m} {g[m]:.3f}" for m in ("closed_accuracy", "open_recall", "token_f1") if m in g)
+            lines.append(f"- {kind} ({g['n']}): {shown}")
+        if e["closed_chance"] is not None and "closed_accuracy" in o:
+            lines.append(f"- closed accuracy {o['closed_accuracy']:.3f} vs chance {e['closed_chance']:.3f}")
+    if s["sample"]:
+        q = s["sample"]
+        lines += ["", f"Endpoint: {s['endpoint']}", "", f"- image: `{q['image']}`", f"- question: {q['question']}",
+                  f"- answer: {q['answer']}", f"- expected: {q['expected']}"]
+    lines += ["", *[f"![{p}]({p})" for p in s["plots"]]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python workflows/pipeline.py ...`` == ``medvl pipeline ...``."""
+    import sys
+
+    from medvl.cli import main as cli_main
+
+    cli_main(["pipeline", *(sys.argv[1:] if argv is None else argv)])

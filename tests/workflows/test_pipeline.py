@@ -1,0 +1,106 @@
+"""The demo pipeline as users run it on a cluster: `ray start --head`, then `ray job submit`."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+STEPS = ["demo-data", "preprocess-alignment", "preprocess-instruction", "stage1", "stage2",
+         "evaluate", "export", "deploy"]
+ARTIFACTS = {"demo-data": "demo-data", "preprocess-alignment": "data/alignment",
+             "preprocess-instruction": "data/instruction", "stage1": "stage1", "stage2": "stage2",
+             "evaluate": "eval", "export": "model", "deploy": "deploy"}
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A separate local Ray cluster, as `ray start --head` makes it; removed afterwards."""
+    temp = tempfile.mkdtemp(prefix="rh")  # short: Ray's socket paths must stay under 107 bytes
+    dash = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    subprocess.run([RAY, "start", "--head", "--num-cpus=4", f"--port={free_port()}", "--include-dashboard=true",
+                    f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    yield f"http://127.0.0.1:{dash}", env
+    procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp in c for c in (p.info["cmdline"] or []))]
+    for p in procs:  # every process of this cluster (and only of it) names its temp dir
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """The demo recipe, reduced to keep CI short (fewer images and steps, a free port)."""
+    doc = yaml.safe_load((REPO / "workflows/configs/demo.yaml").read_text())
+    doc["demo_data"]["variants"] = 2
+    for stage in ("stage1", "stage2"):
+        doc[stage].update(max_steps=6, checkpoint_every=3, log_every=3)
+    doc["eval"].update(limit=8, cpus_per_replica=0.5)
+    doc["deploy"]["port"] = free_port()
+    path = tmp_path_factory.mktemp("recipe") / "demo-ci.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    return path
+
+
+def submit(head, recipe: Path, run: Path) -> str:
+    address, env = head
+    job = f"pipeline-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.run(
+        [RAY, "job", "submit", f"--address={address}", "--working-dir", ".", f"--submission-id={job}", "--",
+         sys.executable, "workflows/pipeline.py", "--config", str(recipe), "--output", str(run)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    status = JobSubmissionClient(address).get_job_status(job)
+    assert status == JobStatus.SUCCEEDED, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def statuses(run: Path) -> dict[str, str]:
+    return {k: v["status"] for k, v in json.loads((run / "summary.json").read_text())["steps"].items()}
+
+
+def test_job_submit_runs_skips_and_resumes(head, recipe, tmp_path):
+    run = tmp_path / "run"
+    t0 = time.time()
+    submit(head, recipe, run)
+    first = time.time() - t0
+    assert statuses(run) == dict.fromkeys(STEPS, "ran")
+    for step, artifact in ARTIFACTS.items():
+        marker = json.loads((run / artifact / "_SUCCESS").read_text())
+        assert marker["step"] == step and len(marker["hash"]) == 16
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["instruction"]["records_in"] == summary["data"]["instruction"]["records_kept"]
+    assert summary["stages"]["stage2"]["steps"] == 6 and summary["eval"]["n"] == 8
+    assert summary["sample"]["answer"] is not None and summary["sample"]["image"].endswith(".dcm")
+    assert (run / "model" / "model.safetensors").is_file() and (run / "eval" / "metrics.json").is_file()
+    assert {p.name for p in (run / "plots").iterdir()} == {"stage1_loss.png", "stage2_loss.png", "eval_metrics.png"}
+    assert "| stage2 |" in (run / "summary.md").read_text()
+
+    out = submit(head, recipe, run)  # everything is complete: every step is skipped
+    assert statuses(run) == dict.fromkeys(STEPS, "skipped")
+    assert out.count("skipped (complete") == len(STEPS)
+
+    (run / "stage2" / "_SUCCESS").unlink()  # as if the job died in stage 2
+    t0 = time.time()
+    submit(head, recipe, run)
+    assert statuses(run) == {s: "skipped" if STEPS.index(s) < STEPS.index("stage2") else "ran" for s in STEPS}
+    assert time.time() - t0 < first  # resumed: nothing before stage 2 was redone

@@ -1,0 +1,9 @@
+"""The Ray job: ``ray job submit --working-dir . -- python workflows/pipeline.py --config RECIPE``.
+
+Same as ``medvl pipeline``; see ``medvl pipeline --help`` and medvl/pipeline.py.
+"""
+
+from medvl.pipeline import main
+
+if __name__ == "__main__":
+    main()
