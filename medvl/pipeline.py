@@ -215,12 +215,16 @@ def _redeploy(step: Step, owned: bool, keep_serving: bool) -> bool:
     if owned:
         return keep_serving  # a driver-owned Ray's Serve app died with the previous driver
     from ray import serve
+    from ray.serve.schema import ApplicationStatus
 
     try:
         app = serve.status().applications.get("medvl")
     except Exception:  # noqa: BLE001 - Serve not started on this cluster
-        return True
-    return app is None or str(app.status) != "RUNNING"
+        app = None
+    running = app is not None and app.status == ApplicationStatus.RUNNING
+    if not running:
+        print("[pipeline] deploy: the Serve app is not running on this cluster: deploying again", flush=True)
+    return not running
 
 
 def deploy(r: Recipe, model: str, owned: bool, keep_serving: bool) -> dict:

@@ -1,5 +1,6 @@
 """The demo pipeline as users run it on a cluster: `ray start --head`, then `ray job submit`."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,10 +39,8 @@ def head():
     yield f"http://127.0.0.1:{dash}", env
     procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp in c for c in (p.info["cmdline"] or []))]
     for p in procs:  # every process of this cluster (and only of it) names its temp dir
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(procs, timeout=30)
     shutil.rmtree(temp, ignore_errors=True)
 
