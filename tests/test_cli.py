@@ -6,7 +6,8 @@ import pytest
 from medvl.cli import build_parser, main
 
 
-@pytest.mark.parametrize("cmd", [[], ["preprocess"], ["demo-data"], ["serve"], ["convert"], ["export-projector"], ["train"]])
+@pytest.mark.parametrize("cmd", [[], ["preprocess"], ["demo-data"], ["serve"], ["convert"], ["export-projector"], ["train"],
+                                 ["eval"], ["import-vqa"], ["pipeline"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])
@@ -31,3 +32,11 @@ def test_missing_required_flag_is_a_clear_error():
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--image-root is required" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_pipeline_unknown_recipe_key_is_a_clear_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run: x\nstage1:\n  learning_rate: 1\n")
+    r = subprocess.run([sys.executable, "-m", "medvl.cli", "pipeline", "--config", str(recipe)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "stage1.learning_rate" in r.stderr and "Traceback" not in r.stderr

@@ -33,7 +33,11 @@ def head():
     temp = tempfile.mkdtemp(prefix="rh")  # short: Ray's socket paths must stay under 107 bytes
     dash = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    subprocess.run([RAY, "start", "--head", "--num-cpus=4", f"--port={free_port()}", "--include-dashboard=true",
+    # Every port explicit: the test session's own Ray already holds the default agent ports.
+    ports = [f"--{name}={free_port()}" for name in (
+        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port")]
+    subprocess.run([RAY, "start", "--head", "--num-cpus=4", *ports, "--include-dashboard=true",
                     f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
     yield f"http://127.0.0.1:{dash}", env
@@ -62,12 +66,17 @@ def recipe(tmp_path_factory):
 def submit(head, recipe: Path, run: Path) -> str:
     address, env = head
     job = f"pipeline-{uuid.uuid4().hex[:8]}"
-    proc = subprocess.run(
-        [RAY, "job", "submit", f"--address={address}", "--working-dir", ".", f"--submission-id={job}", "--",
-         sys.executable, "workflows/pipeline.py", "--config", str(recipe), "--output", str(run)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    for _ in range(30):  # the head's job agent registers a few seconds after `ray start`
+        proc = subprocess.run(
+            [RAY, "job", "submit", f"--address={address}", "--working-dir", ".", f"--submission-id={job}",
+             "--", sys.executable, "workflows/pipeline.py", "--config", str(recipe), "--output", str(run)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in proc.stderr:
+            break
+        time.sleep(2)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     status = JobSubmissionClient(address).get_job_status(job)
     assert status == JobStatus.SUCCEEDED, proc.stdout[-4000:] + proc.stderr[-2000:]
     return proc.stdout
