@@ -58,6 +58,49 @@ def bare_loop(cfg: TrainConfig, steps: int) -> float:
     return statistics.median(times[WARMUP:])
 
 
+def engine_overhead(cfg: TrainConfig, steps: int) -> tuple[float, float]:
+    """Median step of a DeepSpeed engine vs plain torch in ONE process (world size 1, one
+    thread, one micro batch): the engine's own share of the Ray+DS ratio, without comms."""
+    import os
+
+    import torch.distributed as dist
+
+    from medvl.train.zero import deepspeed_config, initialize
+
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("gloo")
+    one = TrainConfig(**{**cfg.__dict__, "num_workers": 1})
+    tok = load_tokenizer(cfg.tokenizer)
+    rows = pq.read_table(f"{cfg.data}/shards", columns=["input_ids", "labels", "pixels"]).to_pydict()
+    n = cfg.batch_size
+    batches = [collate({k: v[i * n:(i + 1) * n] for k, v in rows.items()}, tok.pad_token_id, 32)
+               for i in range(min(steps, len(rows["input_ids"]) // n))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    medians = []
+    for use_ds in (False, True):
+        model = build_tiny(tok, seed=cfg.seed).train()
+        opt = torch.optim.AdamW(trainable_groups(model, one), lr=cfg.lr)
+        engine = initialize(model, opt, None, deepspeed_config(one)) if use_ds else None
+        times = []
+        for batch in batches:
+            t0 = time.perf_counter()
+            if engine is not None:
+                engine.backward(engine(**batch).loss)
+                engine.step()
+            else:
+                loss = model(**batch).loss
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+            times.append(time.perf_counter() - t0)
+        medians.append(statistics.median(times[WARMUP:]))
+    torch.set_num_threads(threads)
+    return medians[0], medians[1]
+
+
 def chimed_like_lengths(n: int, seed: int = 0) -> np.ndarray:
     """Instruction samples (short Q/A) and alignment captions (long tail), tokens incl. image."""
     rng = np.random.default_rng(seed)
@@ -97,7 +140,7 @@ def main() -> None:
         ray_step = statistics.median(h["step_s"] for h in history[WARMUP:])
         rows.append((f"stage {stage}, ZeRO-{zero}", cfg, summary["steps"], ray_step))
     ray.shutdown()  # the bare loops run with no Ray process left on the machine
-    rows = [(name, steps, cfg.global_batch, ray_step, bare_loop(cfg, steps))
+    rows = [(name, steps, cfg.global_batch, ray_step, bare_loop(cfg, steps), engine_overhead(cfg, 40))
             for name, cfg, steps, ray_step in rows]
 
     lengths = chimed_like_lengths(20_000)
@@ -107,9 +150,14 @@ def main() -> None:
 
     print(f"\n(1) step time, 2 workers vs 1 process, median after {WARMUP} warm-up steps")
     print(f"{'run':<20}{'steps':>6}{'batch':>7}{'bare ms':>9}{'Ray+DS ms':>11}{'ratio':>7}  (target <=1.15)")
-    for name, steps, batch, ray_step, bare_step in rows:
+    for name, steps, batch, ray_step, bare_step, _ in rows:
         print(f"{name:<20}{steps:>6}{batch:>7}{1000 * bare_step:>9.1f}{1000 * ray_step:>11.1f}"
               f"{ray_step / bare_step:>7.2f}")
+    print("\n(1b) where the ratio comes from: DeepSpeed engine vs plain torch, one process, one thread,")
+    print("     one micro batch (no communication, no Ray)")
+    print(f"{'run':<20}{'torch ms':>9}{'DS ms':>8}{'ratio':>7}")
+    for name, *_, (plain, ds) in rows:
+        print(f"{name:<20}{1000 * plain:>9.1f}{1000 * ds:>8.1f}{ds / plain:>7.2f}")
     print(f"\n(2) padded tokens, ChiMed-VL-like lengths, {workers} workers x {per_worker} per micro batch")
     print(f"{'random batching':<40}{pads[False]:>10.1%}")
     print(f"{'length grouping (target <=10%)':<40}{pads[True]:>10.1%}")
