@@ -177,18 +177,27 @@ def run_pipeline(path: str, output: str | None = None, only: str | None = None, 
         if step.name not in chosen:
             status[step.name] = {"status": "complete" if step.name in markers else "not run"}
             continue
-        missing = [d for d in step.deps if d not in markers]
-        if missing:
-            raise ValueError(f"step {step.name} needs {', '.join(missing)} to have completed first")
-        digest = step_hash(step, markers)
-        done = markers.get(step.name)
-        if done and done["hash"] == digest and not force and not _redeploy(step, owned, keep_serving):
-            print(f"[pipeline] {step.name}: skipped (complete, hash {digest})", flush=True)
-            status[step.name] = {"status": "skipped", "seconds": done["seconds"]}
-            continue
-        markers[step.name] = run_step(step, digest, done)
-        status[step.name] = {"status": "ran", "seconds": markers[step.name]["seconds"]}
+        try:
+            status[step.name] = run_or_skip(step, markers, force, _redeploy(step, owned, keep_serving))
+        except BaseException:  # the summary says where the run stopped, then the job fails
+            status[step.name] = {"status": "failed"}
+            write_summary(recipe, path, markers, status)
+            raise
     return write_summary(recipe, path, markers, status)
+
+
+def run_or_skip(step: Step, markers: dict[str, dict], force: bool, redeploy: bool) -> dict:
+    """Skip a step whose marker matches its hash, else run it; return its status entry."""
+    missing = [d for d in step.deps if d not in markers]
+    if missing:
+        raise ValueError(f"step {step.name} needs {', '.join(missing)} to have completed first")
+    digest = step_hash(step, markers)
+    done = markers.get(step.name)
+    if done and done["hash"] == digest and not force and not redeploy:
+        print(f"[pipeline] {step.name}: skipped (complete, hash {digest})", flush=True)
+        return {"status": "skipped", "seconds": done["seconds"]}
+    markers[step.name] = run_step(step, digest, done)
+    return {"status": "ran", "seconds": markers[step.name]["seconds"]}
 
 
 def run_step(step: Step, digest: str, done: dict | None) -> dict:

@@ -25,3 +25,19 @@ def test_hash_follows_config_inputs_and_upstream_completion(tmp_path):
     assert h != step_hash(step, {"stage1": {"hash": "a" * 16, "finished_at": 2.0}})  # stage 1 re-ran
     records.write_text("{}\n{}\n")  # the raw input changed
     assert h != step_hash(step, markers)
+
+
+def test_a_failing_step_is_in_the_summary_and_fails_the_run(ray_cluster, tmp_path):
+    import json
+
+    from medvl.pipeline import run_pipeline
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"run: {tmp_path / 'run'}\n"
+                      "preprocess_alignment:\n  data: ${run}/missing.jsonl\n  image_root: ${run}\n"
+                      "  output: ${run}/data/alignment\n  tokenizer: ${run}/tok\n")
+    with pytest.raises(FileNotFoundError):
+        run_pipeline(str(recipe))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == {"preprocess-alignment": {"status": "failed", "hash": None}}
+    assert not (tmp_path / "run" / "data" / "alignment" / "_SUCCESS").exists()
