@@ -40,6 +40,15 @@ WARMUP = 5
 STEPS = 60  # per run, warm-up included
 
 
+def torch_step(model, opt, batch: dict) -> None:
+    """One plain torch optimizer step, as the Ray loop does it (clipping included)."""
+    loss = model(**batch).loss
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def bare_loop(cfg: TrainConfig, steps: int) -> float:
     """Median step time of plain torch on one process, same model, data and global batch."""
     tok = load_tokenizer(cfg.tokenizer)
@@ -53,11 +62,7 @@ def bare_loop(cfg: TrainConfig, steps: int) -> float:
         t0 = time.perf_counter()  # like the Ray loop's step time: batch assembly included
         batch = collate({k: [rows[k][i] for i in batch_rows] for k in ("input_ids", "labels", "pixels")},
                         tok.pad_token_id, 32)
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        torch_step(model, opt, batch)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[WARMUP:])
 
@@ -94,11 +99,7 @@ def engine_overhead(cfg: TrainConfig, steps: int) -> tuple[float, float]:
                 engine.backward(engine(**batch).loss)
                 engine.step()
             else:
-                loss = model(**batch).loss
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                torch_step(model, opt, batch)
             times.append(time.perf_counter() - t0)
         medians.append(statistics.median(times[WARMUP:]))
     torch.set_num_threads(threads)

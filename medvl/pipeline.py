@@ -129,19 +129,11 @@ def _export(src: str, dst: str) -> dict:
 
 def step_hash(step: Step, markers: dict[str, dict]) -> str:
     """Config + raw input fingerprints + upstream completions (a re-run upstream re-runs us)."""
-    cfg = dataclasses.asdict(step.config) if dataclasses.is_dataclass(step.config) else step.config
-    blob = {"step": step.name, "config": _plain(cfg),
+    blob = {"step": step.name, "config": step.config,
             "inputs": {u: storage.stamp(u) for u in step.inputs},
             "deps": {d: [markers[d]["hash"], markers[d]["finished_at"]] for d in step.deps if d in markers}}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+    text = json.dumps(blob, sort_keys=True, default=dataclasses.asdict)  # configs are dataclasses
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def read_marker(artifact: str, name: str = MARKER) -> dict | None:
@@ -178,7 +170,7 @@ def run_pipeline(path: str, output: str | None = None, only: str | None = None, 
             status[step.name] = {"status": "complete" if step.name in markers else "not run"}
             continue
         try:
-            status[step.name] = run_or_skip(step, markers, force, _redeploy(step, owned, keep_serving))
+            status[step.name] = run_or_skip(step, markers, force, lambda s=step: _redeploy(s, owned, keep_serving))
         except BaseException:  # the summary says where the run stopped, then the job fails
             status[step.name] = {"status": "failed"}
             write_summary(recipe, path, markers, status)
@@ -186,14 +178,14 @@ def run_pipeline(path: str, output: str | None = None, only: str | None = None, 
     return write_summary(recipe, path, markers, status)
 
 
-def run_or_skip(step: Step, markers: dict[str, dict], force: bool, redeploy: bool) -> dict:
+def run_or_skip(step: Step, markers: dict[str, dict], force: bool, redeploy: Callable[[], bool]) -> dict:
     """Skip a step whose marker matches its hash, else run it; return its status entry."""
     missing = [d for d in step.deps if d not in markers]
     if missing:
         raise ValueError(f"step {step.name} needs {', '.join(missing)} to have completed first")
     digest = step_hash(step, markers)
     done = markers.get(step.name)
-    if done and done["hash"] == digest and not force and not redeploy:
+    if done and done["hash"] == digest and not force and not redeploy():
         print(f"[pipeline] {step.name}: skipped (complete, hash {digest})", flush=True)
         return {"status": "skipped", "seconds": done["seconds"]}
     markers[step.name] = run_step(step, digest, done)

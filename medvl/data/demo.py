@@ -81,8 +81,8 @@ def find_dicom_files() -> dict[str, str]:
 
 def _members(patterns: list[str], files: dict[str, str]) -> list[str]:
     """The names of a group present in this installation (patterns may be globs)."""
-    return sorted({n for pat in patterns for n in files if fnmatch.fnmatchcase(n, pat)},
-                  key=lambda n: (patterns.index(next(p for p in patterns if fnmatch.fnmatchcase(n, p))), n))
+    found = [n for pat in patterns for n in sorted(fnmatch.filter(files, pat))]
+    return list(dict.fromkeys(found))  # in pattern order, each once
 
 
 def describe(path: str) -> tuple[str, str | None, str]:

@@ -45,10 +45,10 @@ def load_eval_records(uri: str, limit: int = 0) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rec = records.validate(records.parse(line))
+            raw = records.parse(line)
+            rec = records.validate(raw)
         except records.Reject as e:
             raise ValueError(f"{uri}:{n}: {e}") from e
-        raw = json.loads(line)
         question, answer = rec.turns[-1]
         ex = {"index": len(out), "id": rec.id, "image": rec.image,
               "prompt": [*rec.turns[:-1], (question, None)],  # earlier turns as given, <image> kept

@@ -55,9 +55,9 @@ def markdown(metrics: dict, rows: list[dict]) -> str:
     if metrics["closed_chance"] is not None:
         lines += [f"Chance accuracy on the closed questions: {metrics['closed_chance']:.3f}.", ""]
     lines += [head, "|" + "---|" * (len(METRICS) + 2)]
-    groups = [("overall", metrics["overall"])] + \
-        [(f"{k}: {v}", s) for key in ("by_answer_type", "by_modality") for v, s in metrics[key].items()
-         for k in [key.removeprefix("by_")]]
+    groups = [("overall", metrics["overall"])]
+    for key in ("answer_type", "modality"):
+        groups += [(f"{key}: {v}", s) for v, s in metrics[f"by_{key}"].items()]
     for name, s in groups:
         cells = " | ".join(f"{s[m]:.3f}" if m in s else "–" for m in METRICS)
         lines.append(f"| {name} | {s['n']} | {cells} |")
