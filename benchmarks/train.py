@@ -31,9 +31,9 @@ from medvl.data.demo import build_demo_data
 from medvl.data.preprocess import PreprocessConfig, preprocess
 from medvl.model.build import build_tiny
 from medvl.tokenizer import load as load_tokenizer
-from medvl.train.batching import padding_fraction, plan_batches
+from medvl.train.batching import collate, padding_fraction, plan_batches
 from medvl.train.config import TrainConfig
-from medvl.train.loop import collate, trainable_groups
+from medvl.train.optim import trainable_groups
 from medvl.train.trainer import train
 
 WARMUP = 5

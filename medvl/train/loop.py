@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -20,64 +19,14 @@ import ray.train
 import torch
 from safetensors.torch import save_file
 
-from medvl.data.images import normalize
-from medvl.data.tokenize import IGNORE
+from medvl.train.batching import collate
 from medvl.train.config import TrainConfig
-from medvl.train.lora import add_lora
+from medvl.train.optim import lr_lambda, trainable_groups
 from medvl.train.zero import deepspeed_config, initialize
 
 CKPT_TAG = "ckpt"
 STATE_FILE = "state.json"  # step (= data position) and metrics, written by rank 0
 WEIGHTS_FILE = "consolidated.safetensors"
-
-
-def collate(batch: dict, pad_id: int, image_size: int) -> dict[str, torch.Tensor]:
-    """Right-pad one micro batch; pixels from uint8 bytes to normalised float once, here."""
-    ids, labels = batch["input_ids"], batch["labels"]
-    width = max(len(x) for x in ids)
-    out_ids = np.full((len(ids), width), pad_id, np.int64)
-    out_labels = np.full((len(ids), width), IGNORE, np.int64)
-    mask = np.zeros((len(ids), width), np.int64)
-    for i, (x, y) in enumerate(zip(ids, labels, strict=True)):
-        out_ids[i, : len(x)], out_labels[i, : len(y)], mask[i, : len(x)] = x, y, 1
-    pix = np.stack([np.frombuffer(p, np.uint8).reshape(image_size, image_size, 3) for p in batch["pixels"]])
-    return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_labels),
-            "attention_mask": torch.from_numpy(mask), "pixel_values": torch.from_numpy(normalize(pix))}
-
-
-def trainable_groups(model, cfg: TrainConfig) -> list[dict]:
-    """Optimizer param groups. Stage 1: projector. Stage 2: + LLM (or its LoRA adapters).
-
-    The vision tower always stays frozen; the projector may have its own lr (LLaVA's
-    ``mm_projector_lr``).
-    """
-    for p in model.parameters():
-        p.requires_grad = False
-    groups = [{"params": list(model.model.multi_modal_projector.parameters()),
-               "lr": cfg.mm_projector_lr or cfg.lr}]
-    if cfg.stage == 2:
-        llm = model.model.language_model
-        if cfg.lora_r:
-            add_lora(llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-            params = [p for n, p in llm.named_parameters() if "lora_" in n]
-        else:
-            params = [*llm.parameters(), *model.lm_head.parameters()]
-        groups.append({"params": params, "lr": cfg.lr})
-    for g in groups:
-        for p in g["params"]:
-            p.requires_grad = True
-    return groups
-
-
-def lr_lambda(total: int, warmup_ratio: float):
-    warmup = max(1, math.ceil(total * warmup_ratio))
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return f
 
 
 def projector_digest(engine) -> str:
