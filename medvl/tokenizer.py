@@ -18,14 +18,18 @@ PAD_TOKEN = "<pad>"
 
 
 def prepare(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Add ``<image>`` (and a pad token when missing) as special tokens, idempotently."""
-    extra = []
-    if IMAGE_TOKEN not in tok.get_vocab():
-        extra.append(IMAGE_TOKEN)
+    """Add ``<image>`` (and a pad token when missing) as special tokens, idempotently.
+
+    The pad token is added to the vocabulary, not just named: a name the vocabulary lacks
+    would silently map padding to ``<unk>`` (Llama-2's tokenizer has no pad token).
+    """
+    extra: dict = {}
     if tok.pad_token is None:
-        tok.pad_token = PAD_TOKEN
+        extra["pad_token"] = PAD_TOKEN
+    if IMAGE_TOKEN not in tok.get_vocab():
+        extra["additional_special_tokens"] = [IMAGE_TOKEN]
     if extra:
-        tok.add_special_tokens({"additional_special_tokens": extra})
+        tok.add_special_tokens(extra)
     return tok
 
 

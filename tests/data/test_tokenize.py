@@ -55,3 +55,17 @@ def test_generation_prompt_is_the_training_prefix(bpe_tokenizer):
     prompt = encode_segments(templates.render([(TURNS[0][0], None)], tpl), bpe_tokenizer, 4)
     first_label = next(i for i, t in enumerate(train.labels) if t != IGNORE)
     assert prompt.input_ids == train.input_ids[:first_label]
+
+
+def test_prepare_adds_a_real_pad_token_to_a_llama_tokenizer(spm_tokenizer_dir):
+    """Llama-2's tokenizer has no pad token: it must get its own id, not fall back to <unk>."""
+    from transformers import PreTrainedTokenizerFast
+
+    from medvl.tokenizer import prepare
+
+    raw = PreTrainedTokenizerFast.from_pretrained(spm_tokenizer_dir)
+    assert raw.pad_token is None
+    tok = prepare(raw)
+    ids = {tok.pad_token_id, image_token_id(tok), tok.unk_token_id}
+    assert len(ids) == 3 and max(ids) < len(tok)
+    assert len(prepare(tok)) == len(tok)  # idempotent
