@@ -1,10 +1,11 @@
 """DICOM -> 8-bit RGB, the way a radiologist's viewer would show it.
 
 Modality LUT (rescale slope/intercept), then the VOI window stored in the file or, when
-there is none, a robust 0.5-99.5 percentile window; MONOCHROME1 is inverted so bone is
+there is none (or it is invalid), a robust 0.5-99.5 percentile window; MONOCHROME1 is inverted so bone is
 always bright; multi-frame files contribute their first frame; colour files (RGB, YBR,
 palette) are converted to RGB. Works for any bit depth because everything goes through
-float32.
+float32. Compressed transfer syntaxes decode through Pillow (JPEG baseline, JPEG 2000)
+and pylibjpeg (JPEG Lossless and JPEG-LS, the usual PACS export formats).
 """
 
 from __future__ import annotations
@@ -31,10 +32,22 @@ def _to_uint8(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def _stored_window(ds: pydicom.Dataset, x: np.ndarray) -> np.ndarray | None:
+    """The file's own VOI window or LUT applied, or None when it has none or a broken one
+    (a zero window width is common in the wild: such a file still has a usable picture)."""
+    if not ("WindowCenter" in ds and "WindowWidth" in ds or "VOILUTSequence" in ds):
+        return None
+    try:
+        return apply_voi_lut(x, ds, index=0).astype(np.float32)
+    except ValueError:
+        return None
+
+
 def _monochrome(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
     x = apply_modality_lut(arr, ds).astype(np.float32)
-    if "WindowCenter" in ds and "WindowWidth" in ds or "VOILUTSequence" in ds:
-        x = apply_voi_lut(x, ds, index=0).astype(np.float32)
+    windowed = _stored_window(ds, x)
+    if windowed is not None:
+        x = windowed
         lo, hi = float(x.min()), float(x.max())
     else:
         lo, hi = (float(v) for v in np.percentile(x, PERCENTILES))

@@ -78,6 +78,7 @@ DICOM = find_dicom_files()
     ("US1_UNCR.dcm", (480, 640)), ("OBXXXX1A.dcm", (600, 800)),  # US: RGB and palette
     ("emri_small.dcm", (64, 64)), ("OBXXXX1A_2frame.dcm", (600, 800)),  # multi-frame
     ("JPEG2000.dcm", (1024, 256)),  # NM, compressed
+    ("JPEG-LL.dcm", (1024, 256)), ("JPGLosslessP14SV1_1s_1f_8b.dcm", (768, 1024)),  # JPEG Lossless
 ])
 def test_dicom_decodes_to_rgb(name, modality_shape):
     rgb = dicom_to_rgb(Path(DICOM[name]).read_bytes(), 10**8)
@@ -96,6 +97,20 @@ def test_monochrome1_is_inverted():
     centre = rgb[h // 3: 2 * h // 3, w // 3: 2 * w // 3].mean()
     corner = np.concatenate([rgb[:50, :50].ravel(), rgb[:50, -50:].ravel()]).mean()
     assert centre > corner + 40  # the mediastinum is brighter than the air outside
+
+
+def test_invalid_stored_window_falls_back_to_percentiles():
+    """A zero window width (seen in real exports) must not cost the image."""
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(DICOM["MR_small.dcm"])
+    ds.WindowCenter, ds.WindowWidth = 100, 0
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    rgb = dicom_to_rgb(buf.getvalue(), 10**8)
+    assert rgb.shape == (64, 64, 3) and rgb.std() > 5
 
 
 def test_dicom_guards():
