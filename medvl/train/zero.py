@@ -43,13 +43,30 @@ def _skip_cpu_op_builds() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def block_classes(model: torch.nn.Module) -> list[type]:
+    """The transformer block types: the element type of every ``layers`` ModuleList (the
+    LLM's decoder layers, the vision tower's encoder layers)."""
+    found = {type(m[0]) for name, m in model.named_modules()
+             if name.split(".")[-1] == "layers" and isinstance(m, torch.nn.ModuleList) and len(m)}
+    return sorted(found, key=lambda c: c.__name__)
+
+
 def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
-    """A DeepSpeed engine on the process group Ray Train already created (gloo or NCCL)."""
+    """A DeepSpeed engine on the process group Ray Train already created (gloo or NCCL).
+
+    Under ZeRO-3 every transformer block is a "leaf": its parameters are gathered once per
+    block instead of once per linear layer, which cuts ZeRO-3's per-module hooks and
+    collectives about eightfold (measured: 10% off the CPU step, see benchmarks/train.py).
+    """
     import deepspeed
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _skip_cpu_op_builds()
+    if ds_config["zero_optimization"]["stage"] == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, block_classes(model))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config, dist_init_required=False)
     return engine
