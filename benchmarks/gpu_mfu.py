@@ -41,7 +41,9 @@ import torch
 import torch.distributed as dist
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
+from medvl.data.tokenize import IGNORE
 from medvl.model.build import llava_config
+from medvl.tokenizer import image_token_id
 from medvl.train.batching import collate
 from medvl.train.config import TrainConfig
 from medvl.train.optim import trainable_groups
@@ -117,12 +119,12 @@ def model_flops(model: LlavaForConditionalGeneration, run: Run) -> float:
 
 def random_rows(tok, img_tokens: int, image_size: int, run: Run, rng: np.random.Generator) -> dict:
     """One micro batch in the Parquet shard's row format: <s> <image>*576 text, image labels ignored."""
-    image_id, vocab = tok.convert_tokens_to_ids("<image>"), len(tok)
+    image_id, vocab = image_token_id(tok), len(tok)
     ids, labels = [], []
     for _ in range(run.batch):
         text = rng.integers(3, vocab - 2, run.seq - 1 - img_tokens)
         ids.append(np.concatenate([[tok.bos_token_id], np.full(img_tokens, image_id), text]))
-        labels.append(np.concatenate([np.full(1 + img_tokens, -100), text]))
+        labels.append(np.concatenate([np.full(1 + img_tokens, IGNORE), text]))
     pixels = [rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8).tobytes() for _ in range(run.batch)]
     return {"input_ids": ids, "labels": labels, "pixels": pixels}
 

@@ -121,12 +121,7 @@ def copy_dir_to_local(uri: str, local_dir: str) -> str:
     """
     if not is_s3(uri):
         return resolve(uri)[1]
-    for file_uri in list_files(uri):
-        rel = file_uri[len(uri.rstrip("/")) + 1 :]
-        target = os.path.join(local_dir, rel)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "wb") as f:
-            f.write(read_bytes(file_uri))
+    copy_dir(uri, local_dir)
     return local_dir
 
 

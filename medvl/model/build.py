@@ -10,7 +10,6 @@ with CLS dropped (Qilin-Med-VL / LLaVA-1.5), the projector is ``mlp2x_gelu``, an
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 
@@ -114,9 +113,7 @@ def save_hf(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase, 
         model.save_pretrained(local, safe_serialization=True)
         processor_for(model, tok).save_pretrained(local)
         if storage.is_s3(uri):
-            for name in os.listdir(local):
-                with open(os.path.join(local, name), "rb") as f:
-                    storage.write_bytes(storage.join(uri, name), f.read())
+            storage.copy_dir(local, uri)
 
 
 def load_hf(uri: str, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
