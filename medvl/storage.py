@@ -8,8 +8,11 @@ and credentials from the standard AWS variables, exactly as boto3 would read the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import tempfile
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -123,6 +126,30 @@ def copy_dir_to_local(uri: str, local_dir: str) -> str:
         return resolve(uri)[1]
     copy_dir(uri, local_dir)
     return local_dir
+
+
+@contextlib.contextmanager
+def local_dir(uri: str) -> Iterator[str]:
+    """A local directory holding ``uri``'s files while the block runs.
+
+    Models and tokenizers load from local directories only: an ``s3://`` one is fetched
+    into a temp dir that is deleted afterwards (a loaded model no longer needs its files),
+    so repeated runs leave no copies behind.
+    """
+    if not is_s3(uri):
+        yield resolve(uri)[1]
+        return
+    with tempfile.TemporaryDirectory(prefix="medvl-") as tmp:
+        yield copy_dir_to_local(uri, tmp)
+
+
+def upload_file(local_path: str, uri: str) -> None:
+    """Copy one local file to a URI (a no-op when it is already that file)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.abspath(local_path) == path:
+        return
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def copy_dir(src: str, dst: str) -> None:

@@ -7,7 +7,6 @@ token ids always agree with the model's ``image_token_index`` and ``pad_token_id
 from __future__ import annotations
 
 import functools
-import tempfile
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -36,8 +35,8 @@ def prepare(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 @functools.lru_cache(maxsize=4)
 def load(uri: str) -> PreTrainedTokenizerBase:
     """Tokenizer from a directory URI, cached per process (Ray tasks reuse workers)."""
-    local = storage.copy_dir_to_local(uri, tempfile.mkdtemp(prefix="medvl-tok-"))
-    return prepare(AutoTokenizer.from_pretrained(local))
+    with storage.local_dir(uri) as local:
+        return prepare(AutoTokenizer.from_pretrained(local))
 
 
 def image_token_id(tok: PreTrainedTokenizerBase) -> int:

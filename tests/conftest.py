@@ -154,4 +154,4 @@ def stage2(stage1, demo_shards, tmp_path_factory):
 
     return train(TrainConfig(stage=2, data=str(demo_shards / "in"), output=str(tmp_path_factory.mktemp("s2")),
                              name="stage2", init=stage1["hf"], batch_size=4, lr=2e-3, epochs=1, zero_stage=3,
-                             log_every=100))
+                             log_every=100, max_shard_mb=1))  # 1 MB shards: the export must shard

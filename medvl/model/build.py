@@ -26,6 +26,7 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerBase,
 )
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from medvl import storage
 from medvl.data.images import CLIP_MEAN, CLIP_STD
@@ -80,18 +81,26 @@ def build_tiny(tok: PreTrainedTokenizerBase, preset: TinyPreset = TinyPreset(), 
 
 def build_from_pretrained(vision_uri: str, llm_uri: str, tok: PreTrainedTokenizerBase,
                           dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
-    """Real weights: a CLIP vision tower + a Llama/Qwen2 LLM, a fresh projector between them."""
-    vision_dir = storage.copy_dir_to_local(vision_uri, tempfile.mkdtemp(prefix="medvl-vit-"))
-    llm_dir = storage.copy_dir_to_local(llm_uri, tempfile.mkdtemp(prefix="medvl-llm-"))
-    vision_cfg = AutoConfig.from_pretrained(vision_dir)
-    vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)  # full CLIP dir or vision-only
-    model = LlavaForConditionalGeneration(llava_config(vision_cfg, AutoConfig.from_pretrained(llm_dir), tok))
-    model.model.vision_tower = CLIPVisionModel.from_pretrained(vision_dir, config=vision_cfg, dtype=dtype)
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+    """Real weights: a CLIP vision tower + a Llama/Qwen2 LLM, a fresh projector between them.
+
+    Each tower is loaded once, straight into ``dtype``; the LLaVA shell around them is built
+    on the meta device, so no random-init copy of a 13B LLM is ever materialised (that
+    copy alone was 52 GB of host RAM per worker in fp32).
+    """
+    with storage.local_dir(vision_uri) as vision_dir, storage.local_dir(llm_uri) as llm_dir:
+        vision_cfg = AutoConfig.from_pretrained(vision_dir)
+        vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)  # full CLIP dir or vision-only
+        config = llava_config(vision_cfg, AutoConfig.from_pretrained(llm_dir), tok)
+        vision = CLIPVisionModel.from_pretrained(vision_dir, config=vision_cfg, dtype=dtype)
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
     llm.resize_token_embeddings(len(tok))
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
-    return model.to(dtype)
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+    return model
 
 
 def processor_for(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase) -> LlavaProcessor:
@@ -117,6 +126,6 @@ def save_hf(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase, 
 
 
 def load_hf(uri: str, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
-    """Load an exported model directory (local or ``s3://``); safetensors only."""
-    local = storage.copy_dir_to_local(uri, tempfile.mkdtemp(prefix="medvl-hf-"))
-    return LlavaForConditionalGeneration.from_pretrained(local, dtype=dtype, use_safetensors=True).eval()
+    """Load an exported model directory (local or ``s3://``) in ``dtype``; safetensors only."""
+    with storage.local_dir(uri) as local:
+        return LlavaForConditionalGeneration.from_pretrained(local, dtype=dtype, use_safetensors=True).eval()

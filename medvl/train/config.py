@@ -30,6 +30,7 @@ class TrainConfig:
     bf16: bool = field(default=False, metadata={"help": "bf16 (GPU); fp32 is faster on CPU"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: end only)"})
+    max_shard_mb: int = field(default=5000, metadata={"help": "largest safetensors shard of the exported model"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in storage"})
     max_failures: int = field(default=2, metadata={"help": "worker failures survived by restoring"})
     seed: int = field(default=0, metadata={"help": "model init and batch order"})

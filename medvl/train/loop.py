@@ -1,9 +1,11 @@
 """The per-worker training loop (runs inside Ray Train workers), nanoGPT-sized.
 
 Each worker reads its own slice of the batch plan from Ray Data, steps a DeepSpeed engine,
-and at every checkpoint all ranks save their ZeRO shards into one directory that
-``ray.train.report`` hands to storage; rank 0 adds the step counter (the data position),
-the metrics so far and, at the end, the consolidated weights for export.
+and at every checkpoint all ranks save their ZeRO shards (trainable parameters and their
+optimizer state only: the frozen towers come back from ``init`` on resume) into one
+directory that ``ray.train.report`` hands to storage; rank 0 adds the step counter (the
+data position) and the metrics so far. After the last step the workers write the HF
+model themselves (``export.export_hf``).
 """
 
 from __future__ import annotations
@@ -17,16 +19,15 @@ import time
 import numpy as np
 import ray.train
 import torch
-from safetensors.torch import save_file
 
 from medvl.train.batching import collate
 from medvl.train.config import TrainConfig
+from medvl.train.export import export_hf
 from medvl.train.optim import lr_lambda, trainable_groups
 from medvl.train.zero import deepspeed_config, initialize
 
 CKPT_TAG = "ckpt"
 STATE_FILE = "state.json"  # step (= data position) and metrics, written by rank 0
-WEIGHTS_FILE = "consolidated.safetensors"
 
 
 def projector_digest(engine) -> str:
@@ -50,9 +51,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     if not cfg.use_gpu:  # one intra-op thread per allotted core: no oversubscription
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    model, tok = build_model(cfg)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model, tok = build_model(cfg)  # train mode, recomputation as the recipe sets it, no KV cache
     steps = config["steps"]
     opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=cfg.use_gpu)  # one kernel per step on GPU, as benchmarked
@@ -64,7 +63,8 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag=CKPT_TAG)  # module, optimizer and scheduler
+            # Trainable weights, optimizer and scheduler; frozen ones are not in the checkpoint.
+            engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=False)
             with open(os.path.join(d, STATE_FILE)) as f:
                 state = json.load(f)
             start, history = state["step"], state["history"]
@@ -111,7 +111,9 @@ def train_loop_per_worker(config: dict) -> None:
                   f"{h['tokens_per_s']:.0f} tok/s pad {h['padding']:.1%} wait {h['data_wait']:.1%}", flush=True)
         if save:
             state = {"step": step + 1, "history": history, "resumes": resumes, "init_projector_sha256": digest}
-            save_and_report(engine, state, rank, final=last)
+            save_and_report(engine, state)
+    lora = (cfg.lora_r, cfg.lora_alpha) if cfg.lora_r else None
+    export_hf(engine.module, tok, config["hf"], rank, config["meta"], cfg.max_shard_mb * 10**6, lora)
 
 
 def sync_metrics(pending: list[dict], world: int) -> list[dict]:
@@ -123,23 +125,14 @@ def sync_metrics(pending: list[dict], world: int) -> list[dict]:
             for p, (loss, tokens, padded) in zip(pending, sums.tolist(), strict=True)]
 
 
-def save_and_report(engine, state: dict, rank: int, final: bool) -> None:
-    """All ranks save their ZeRO shards; rank 0 adds state (and weights at the end); all report."""
-    import deepspeed
-
+def save_and_report(engine, state: dict) -> None:
+    """All ranks save their ZeRO shards (frozen parameters excluded); rank 0 adds the state;
+    all report the same directory name, so Ray merges the shards into one checkpoint."""
     with tempfile.TemporaryDirectory(prefix="medvl-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG)
-        if final:
-            params = list(engine.module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if rank == 0:
-                    weights = {k: v.detach().float().contiguous().clone()
-                               for k, v in engine.module.state_dict().items()}
-                    save_file(weights, os.path.join(tmp, WEIGHTS_FILE))
-        if rank == 0:
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
+        if ray.train.get_context().get_world_rank() == 0:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(state, f)
         metrics = {**state["history"][-1], "step": state["step"]}
-        # One directory name for every rank, so their ZeRO shards land together.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{state['step']:06d}")

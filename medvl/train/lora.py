@@ -26,7 +26,8 @@ def merge_lora(state: dict[str, torch.Tensor], r: int, alpha: int) -> dict[str, 
             if leaf == "weight":
                 a = state[f"{prefix}.lora_A.default.weight"]
                 b = state[f"{prefix}.lora_B.default.weight"]
-                tensor = tensor + (b @ a) * (alpha / r)
+                delta = (b.float() @ a.float()) * (alpha / r)  # in fp32, then the training dtype
+                tensor = (tensor.float() + delta).to(tensor.dtype)
             key = f"{prefix}.{leaf}"
         merged[key] = tensor
     return merged

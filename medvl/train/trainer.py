@@ -1,16 +1,17 @@
 """``medvl train``: one curriculum stage as a Ray Train ``TorchTrainer`` run.
 
-The driver plans the batches, hands each worker its own ordered Ray Dataset, runs
+The driver plans the batches, hands each worker its own ordered Ray Dataset and runs
 ``fit()`` (restoring from the latest checkpoint after worker failures, or when re-run
-with the same ``output`` + ``name`` after a driver crash) and exports the final weights as
-an HF directory at ``OUTPUT/hf``, with the loss curve beside it.
+with the same ``output`` + ``name`` after a driver crash). The workers write the final HF
+model to ``OUTPUT/hf``; the driver never loads weights (it may be a small head node) and
+only writes the metrics and the loss curve beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import posixpath
 
 import numpy as np
 import pyarrow as pa
@@ -18,16 +19,11 @@ import pyarrow.parquet as pq
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load_file
 
 from medvl import storage
-from medvl.model.build import save_hf
-from medvl.serving.engine import write_meta
 from medvl.train.batching import plan_batches
 from medvl.train.config import TrainConfig
-from medvl.train.loop import STATE_FILE, WEIGHTS_FILE, train_loop_per_worker
-from medvl.train.lora import merge_lora
-from medvl.train.model import build_model
+from medvl.train.loop import STATE_FILE, train_loop_per_worker
 
 URI_FIELDS = ("data", "output", "init", "tokenizer", "vision_tower", "llm")
 
@@ -82,9 +78,12 @@ def train(cfg: TrainConfig) -> dict:
     datasets, steps = rank_datasets(cfg)
     fs, path = storage.resolve(cfg.output)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    pre = manifest["config"]
+    hf = storage.join(cfg.output, "hf")
+    meta = {"template": pre["template"], "aspect": pre["aspect"], "image_size": pre["image_size"]}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": dataclasses.asdict(cfg), "steps": steps},
+        train_loop_config={"train": dataclasses.asdict(cfg), "steps": steps, "hf": hf, "meta": meta},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
@@ -96,23 +95,18 @@ def train(cfg: TrainConfig) -> dict:
                                   execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
-    return export(result.checkpoint, cfg, manifest)
+    return summarize(result.checkpoint, cfg, hf)
 
 
-def export(checkpoint, cfg: TrainConfig, manifest: dict) -> dict:
-    """Final checkpoint -> ``OUTPUT/hf`` (safetensors, tokenizer, processor, medvl.json) + plot."""
-    model, tok = build_model(cfg)
-    with checkpoint.as_directory() as d:
-        weights = load_file(os.path.join(d, WEIGHTS_FILE))
-        if cfg.lora_r:
-            weights = merge_lora(weights, cfg.lora_r, cfg.lora_alpha)
-        model.load_state_dict(weights, strict=True)
-        with open(os.path.join(d, STATE_FILE)) as f:
-            state = json.load(f)
-    hf = storage.join(cfg.output, "hf")
-    save_hf(model, tok, hf)
-    pre = manifest["config"]
-    write_meta(hf, template=pre["template"], aspect=pre["aspect"], image_size=pre["image_size"])
+def read_state(checkpoint) -> dict:
+    """The checkpoint's ``state.json`` alone, read in place (the ZeRO shards stay in storage)."""
+    with checkpoint.filesystem.open_input_stream(posixpath.join(checkpoint.path, STATE_FILE)) as f:
+        return json.loads(f.read())
+
+
+def summarize(checkpoint, cfg: TrainConfig, hf: str) -> dict:
+    """``metrics.jsonl`` + ``loss.png`` beside ``hf/``; a summary (steps, losses, model URI)."""
+    state = read_state(checkpoint)
     history = state["history"]
     storage.write_text(storage.join(cfg.output, "metrics.jsonl"),
                        "".join(json.dumps(h) + "\n" for h in history))

@@ -40,11 +40,20 @@ def projector_sha(model) -> str:
     return h.hexdigest()
 
 
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
 def test_stage1_trains_only_the_projector(stage1, demo_dir):
     out = os.path.dirname(stage1["hf"])
     assert stage1["steps"] == len(_losses(out)) and _falls(_losses(out))
     assert storage.exists(storage.join(out, "loss.png"))
     trained = load_hf(stage1["hf"])
+    # Checkpoints hold the projector and its optimizer state, not the frozen LLM.
+    llm_bytes = sum(p.numel() * p.element_size() for p in trained.model.language_model.parameters())
+    ckpts = [os.path.join(out, "stage1", d) for d in os.listdir(os.path.join(out, "stage1"))
+             if d.startswith("checkpoint_")]
+    assert ckpts and all(_dir_bytes(c) < llm_bytes / 2 for c in ckpts)
     initial = build_tiny(load_tokenizer(str(demo_dir / "tokenizer")), seed=0)
     frozen = [n for n, _ in initial.named_parameters() if "multi_modal_projector" not in n]
     before, after = dict(initial.named_parameters()), dict(trained.named_parameters())
