@@ -58,7 +58,7 @@ def process_one(line_no: int, text: str, cfg: PreprocessConfig) -> dict[str, Any
     rec_id = f"line-{line_no}"
     try:
         raw = records.parse(text)
-        rec_id = str(raw.get("id", rec_id))
+        rec_id = records.record_id(raw) or rec_id
         rec = records.validate(raw)
         tok = load_tokenizer(cfg.tokenizer)
         template = templates.get(cfg.template)

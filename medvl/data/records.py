@@ -1,6 +1,8 @@
 """Validate LLaVA / ChiMed-VL records; every failure is a ``Reject`` with a reason code.
 
-Reasons (also documented in the README): ``bad_json``, ``missing_image``,
+Reasons (also documented in the README): ``bad_json`` (not a JSON object), ``bad_record``
+(JSON, but not a LLaVA record: no usable ``id``, ``conversations`` not a list of
+human/gpt turns, an unanswered last question, a non-string ``image``), ``missing_image``,
 ``corrupt_image``, ``image_too_large``, ``no_image_token``, ``no_answer``, ``too_long``,
 ``path_outside_root``.
 """
@@ -16,6 +18,7 @@ from medvl.data.templates import IMAGE
 
 REASONS = (
     "bad_json",
+    "bad_record",
     "missing_image",
     "corrupt_image",
     "image_too_large",
@@ -51,22 +54,37 @@ def parse(text: str) -> dict:
     return rec
 
 
+def record_id(rec: dict) -> str | None:
+    """The record's id as a string, or None when it has no usable one."""
+    rid = rec.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
+        return None
+    return str(rid)
+
+
 def validate(rec: dict) -> Record:
     """Check structure and pair up turns; raise ``Reject`` on the first problem found."""
+    rid = record_id(rec)
+    if rid is None:
+        raise Reject("bad_record", f"'id' must be a non-empty string or integer, got {rec.get('id')!r}")
     convs = rec.get("conversations")
     if not isinstance(convs, list) or not all(
         isinstance(t, dict) and isinstance(t.get("value"), str) and t.get("from") in ("human", "gpt")
         for t in convs
     ):
-        raise Reject("bad_json", "'conversations' must be a list of {from: human|gpt, value: str}")
+        raise Reject("bad_record", "'conversations' must be a list of {from: human|gpt, value: str}")
     image = rec.get("image")
-    if not isinstance(image, str) or not image:
+    if image is None or image == "":
         raise Reject("missing_image", "record has no 'image' field")
+    if not isinstance(image, str):
+        raise Reject("bad_record", f"'image' must be a string path, got {type(image).__name__}")
+    if len(convs) % 2:
+        raise Reject("bad_record", f"{len(convs)} turns: the last human turn has no answer")
     turns: list[tuple[str, str]] = []
-    for i in range(0, len(convs) - 1, 2):
+    for i in range(0, len(convs), 2):
         q, a = convs[i], convs[i + 1]
         if q["from"] != "human" or a["from"] != "gpt":
-            raise Reject("bad_json", f"turn {i} is not a human/gpt pair")
+            raise Reject("bad_record", f"turn {i} is not a human/gpt pair")
         turns.append((q["value"], a["value"]))
     if not turns or not all(a.strip() for _, a in turns):
         raise Reject("no_answer", "no (non-empty) gpt answer after a human turn")
@@ -74,7 +92,7 @@ def validate(rec: dict) -> Record:
         raise Reject("no_image_token", "first human turn has no <image>")
     if any(IMAGE in q for q, _ in turns[1:]) or turns[0][0].count(IMAGE) > 1:
         raise Reject("no_image_token", "exactly one <image>, in the first human turn, is supported")
-    return Record(str(rec["id"]), image, turns)
+    return Record(rid, image, turns)
 
 
 def image_uri(root: str, rel: str) -> str:

@@ -72,6 +72,10 @@ def test_every_reject_reason_is_accounted(demo_dir, tmp_path):
         lines.insert(-1, json.dumps({**rec, "id": rid}, ensure_ascii=False))
         expected[rid] = reason
     expected["line-14"] = expected.pop("line-12")
+    no_id = _good(0)
+    del no_id["id"]
+    lines.append(json.dumps(no_id, ensure_ascii=False))  # crashed the whole run before
+    expected[f"line-{len(lines)}"] = "bad_record"
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(lines) + "\n")
     cfg = _cfg(demo_dir, data, tmp_path / "out", image_root=str(images), max_pixels=1_000_000)
@@ -84,6 +88,46 @@ def test_every_reject_reason_is_accounted(demo_dir, tmp_path):
     assert m["records_kept"] == 5 and m["rejects_by_reason"]["path_outside_root"] == 2
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk["records_in"] == m["records_in"] and on_disk["config"]["max_pixels"] == 1_000_000
+
+
+def _turns(*values: str) -> list[dict]:
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
+
+
+MALFORMED = {
+    "no id": ({"image": "ct_small_00.png", "conversations": _turns("<image>\n问", "答")}, "bad_record"),
+    "id is a dict": ({"id": {"a": 1}, "image": "ct_small_00.png",
+                      "conversations": _turns("<image>\n问", "答")}, "bad_record"),
+    "id is empty": ({"id": "", "image": "ct_small_00.png",
+                     "conversations": _turns("<image>\n问", "答")}, "bad_record"),
+    "odd turns": ({"id": "x", "image": "ct_small_00.png",
+                   "conversations": _turns("<image>\n问", "答", "还有呢？")}, "bad_record"),
+    "conversations a dict": ({"id": "x", "image": "ct_small_00.png",
+                              "conversations": {"from": "human", "value": "<image>"}}, "bad_record"),
+    "gpt first": ({"id": "x", "image": "ct_small_00.png",
+                   "conversations": [{"from": "gpt", "value": "答"}, {"from": "human", "value": "<image>"}]},
+                  "bad_record"),
+    "image a list": ({"id": "x", "image": ["a.png"], "conversations": _turns("<image>\n问", "答")},
+                     "bad_record"),
+    "no image field": ({"id": "x", "conversations": _turns("<image>\n问", "答")}, "missing_image"),
+    "two image tags": ({"id": "x", "image": "ct_small_00.png",
+                        "conversations": _turns("<image><image>\n问", "答")}, "no_image_token"),
+    "image tag in a later turn": ({"id": "x", "image": "ct_small_00.png",
+                                   "conversations": _turns("<image>\n问", "答", "<image>再看", "好")},
+                                  "no_image_token"),
+    "an array": ([1, 2], "bad_json"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_each_malformed_record_is_a_reject_never_an_exception(demo_dir, tmp_path, case):
+    from medvl.data.preprocess import process_one
+
+    rec, reason = MALFORMED[case]
+    row = process_one(7, json.dumps(rec, ensure_ascii=False), _cfg(demo_dir, "-", tmp_path))
+    assert row["reason"] == reason and row["detail"]
+    assert row["id"] == (rec["id"] if isinstance(rec, dict) and rec.get("id") and isinstance(rec["id"], str)
+                         else "line-7")
 
 
 def test_truncate_keeps_answer_tokens(demo_dir, tmp_path):
