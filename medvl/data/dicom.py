@@ -32,26 +32,46 @@ def _to_uint8(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def _first(value) -> float:
+    """The first of a possibly multi-valued window attribute."""
+    return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+
+
 def _stored_window(ds: pydicom.Dataset, x: np.ndarray) -> np.ndarray | None:
-    """The file's own VOI window or LUT applied, or None when it has none or a broken one
-    (a zero window width is common in the wild: such a file still has a usable picture)."""
-    if not ("WindowCenter" in ds and "WindowWidth" in ds or "VOILUTSequence" in ds):
+    """The file's own VOI transform, mapped onto 0..255 as DICOM PS3.3 C.11.2.1.2 defines it
+    (LINEAR, LINEAR_EXACT, SIGMOID windows; a VOI LUT scaled by its output bit depth), or
+    None when the file has none or a broken one (a zero window width is common in the
+    wild: such a file still has a usable picture)."""
+    if "VOILUTSequence" in ds:
+        try:
+            lut = ds.VOILUTSequence[0]
+            out = apply_voi_lut(x, ds, index=0).astype(np.float32)
+        except (ValueError, AttributeError, IndexError):
+            return None
+        bits = int(lut.LUTDescriptor[2])
+        return out * (255.0 / (2**bits - 1))
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
-    try:
-        return apply_voi_lut(x, ds, index=0).astype(np.float32)
-    except ValueError:
+    c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+    if function == "SIGMOID" and w > 0:
+        return 255.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+    if function == "LINEAR_EXACT" and w > 0:
+        lo, hi = c - w / 2, c + w / 2
+    elif w >= 1:  # LINEAR: the window's edges are c - 0.5 -/+ (w - 1) / 2
+        lo, hi = c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
+    else:
         return None
+    return np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0) * 255.0
 
 
 def _monochrome(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
     x = apply_modality_lut(arr, ds).astype(np.float32)
     windowed = _stored_window(ds, x)
     if windowed is not None:
-        x = windowed
-        lo, hi = float(x.min()), float(x.max())
+        gray = (windowed + 0.5).astype(np.uint8)
     else:
-        lo, hi = (float(v) for v in np.percentile(x, PERCENTILES))
-    gray = _to_uint8(x, lo, hi)
+        gray = _to_uint8(x, *(float(v) for v in np.percentile(x, PERCENTILES)))
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         gray = 255 - gray
     return gray

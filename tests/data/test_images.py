@@ -99,6 +99,36 @@ def test_monochrome1_is_inverted():
     assert centre > corner + 40  # the mediastinum is brighter than the air outside
 
 
+def _voi_reference(x: np.ndarray, c: float, w: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2, written out piece by piece, onto 0..255."""
+    if function == "SIGMOID":
+        return 255 / (1 + np.exp(-4 * (x - c) / w))
+    if function == "LINEAR_EXACT":
+        return np.where(x <= c - w / 2, 0, np.where(x > c + w / 2, 255, ((x - c) / w + 0.5) * 255))
+    below, above = x <= c - 0.5 - (w - 1) / 2, x > c - 0.5 + (w - 1) / 2
+    return np.where(below, 0, np.where(above, 255, ((x - (c - 0.5)) / (w - 1) + 0.5) * 255))
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_stored_window_is_the_standard_voi_transform(function):
+    """MR_small's window (600/1600) starts below its darkest value: no stretch may follow it."""
+    import io
+
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(DICOM["MR_small.dcm"])
+    if function != "LINEAR":
+        ds.VOILUTFunction = function
+    c, w = float(ds.WindowCenter), float(ds.WindowWidth)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    ours = dicom_to_rgb(buf.getvalue(), 10**8)[..., 0].astype(float)
+    x = apply_modality_lut(ds.pixel_array, ds).astype(float)
+    assert np.abs(ours - _voi_reference(x, c, w, function)).max() <= 0.5 + 1e-6
+    assert ours.min() > 40  # the darkest pixel (127) sits ~20% into the window, not at black
+
+
 def test_invalid_stored_window_falls_back_to_percentiles():
     """A zero window width (seen in real exports) must not cost the image."""
     import io
