@@ -84,27 +84,43 @@ def _png_bytes() -> bytes:
     return buf.getvalue()
 
 
-def kill_a_worker_mid_run(output: str, name: str) -> threading.Thread:
-    """SIGKILL one Ray Train worker once the controller has registered a checkpoint."""
-    def run():
-        deadline = time.time() + 300
-        snapshot = storage.join(output, name, "checkpoint_manager_snapshot.json")
-        while time.time() < deadline and not storage.exists(snapshot):
-            time.sleep(0.1)
-        workers = [p for p in psutil.process_iter(["cmdline"])
-                   if any("RayTrainWorker" in c for c in (p.info["cmdline"] or []))]
-        os.kill(workers[-1].pid, signal.SIGKILL)
+class WorkerKiller(threading.Thread):
+    """SIGKILLs one Ray Train worker of *this* test's run once it has a checkpoint.
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
+    The worker is found through our own cluster's state API and must be a descendant of
+    this process (ray.init started the cluster here), so nobody else's Ray is touched.
+    ``killed`` holds the pid, or stays None (and ``why`` says why) so tests can assert it.
+    """
+
+    def __init__(self, output: str, name: str):
+        super().__init__(daemon=True)
+        self.snapshot = storage.join(output, name, "checkpoint_manager_snapshot.json")
+        self.killed: int | None = None
+        self.why = "not started"
+        self.start()
+
+    def run(self):
+        from ray.util.state import list_actors
+
+        deadline = time.time() + 300
+        while time.time() < deadline and not storage.exists(self.snapshot):
+            time.sleep(0.1)
+        ours = {p.pid for p in psutil.Process().children(recursive=True)}
+        alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        pids = [a.pid for a in alive if a.pid in ours]
+        if not pids:
+            self.why = f"no live RayTrainWorker of ours after the first checkpoint ({len(alive)} alive)"
+            return
+        os.kill(pids[-1], signal.SIGKILL)
+        self.killed, self.why = pids[-1], "killed"
 
 
 def test_killed_worker_run_finishes_like_an_uninterrupted_one(stage1, demo_shards, demo_dir, tmp_path):
     out = str(tmp_path / "ft")
-    killer = kill_a_worker_mid_run(out, "killed")
+    killer = WorkerKiller(out, "killed")
     s = train(stage1_cfg(demo_shards, demo_dir, out, "killed", max_failures=2))
     killer.join(timeout=5)
+    assert killer.killed, killer.why
     assert s["resumed_from"], "no worker was restored: the kill did not land mid-run"
     assert s["steps"] == stage1["steps"]
     assert s["last_loss"] == pytest.approx(stage1["last_loss"], rel=1e-4)
@@ -113,10 +129,11 @@ def test_killed_worker_run_finishes_like_an_uninterrupted_one(stage1, demo_shard
 def test_s3_checkpoints_resume_after_a_driver_level_failure(stage1, demo_shards, demo_dir, s3_endpoint):
     out = f"{s3_endpoint}/runs/s1"
     cfg = stage1_cfg(demo_shards, demo_dir, out, "crashy", max_failures=0)
-    killer = kill_a_worker_mid_run(out, "crashy")
+    killer = WorkerKiller(out, "crashy")
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker death in its own error
         train(cfg)
     killer.join(timeout=5)
+    assert killer.killed, killer.why
     s = train(cfg)  # same output + name: Ray Train resumes from the latest S3 checkpoint
     assert s["resumed_from"] and s["steps"] == stage1["steps"]
     assert s["last_loss"] == pytest.approx(stage1["last_loss"], rel=1e-4)
