@@ -23,3 +23,35 @@ def test_s3_dir_copies_to_local(tmp_path, s3_endpoint):
     local = storage.copy_dir_to_local(f"{s3_endpoint}/tokdir", str(tmp_path / "t"))
     assert (tmp_path / "t" / "sub" / "f.json").read_text() == "{}"
     assert local == str(tmp_path / "t")
+
+
+def _hold(uri: str, barrier, out) -> None:
+    """Enter local_dir with the others, note the path and what is in it, leave together."""
+    import os
+
+    with storage.local_dir(uri) as d:
+        out.put((d, os.stat(d).st_ino, sorted(os.listdir(d))))
+        barrier.wait(timeout=60)
+
+
+def test_s3_dir_is_fetched_once_per_node_and_removed_by_the_last_user(s3_endpoint):
+    import multiprocessing as mp
+    import os
+
+    uri = f"{s3_endpoint}/model-once"
+    storage.write_text(f"{uri}/config.json", "{}")
+    ctx = mp.get_context("spawn")  # fresh processes, as Ray workers are
+    barrier, out = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_hold, args=(uri, barrier, out)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    seen = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len({(d, ino) for d, ino, _ in seen}) == 1  # one directory, one download, shared
+    assert seen[0][2] == ["config.json"]
+    assert not os.path.exists(seen[0][0])  # the last process out deleted it
+    with storage.local_dir(uri) as again:  # and a later run fetches it anew
+        assert os.listdir(again) == ["config.json"]
+    assert not os.path.exists(again)

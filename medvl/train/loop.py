@@ -23,8 +23,9 @@ import torch
 from medvl.train.batching import collate
 from medvl.train.config import TrainConfig
 from medvl.train.export import export_hf
+from medvl.train.memory import PhasePeaks
 from medvl.train.optim import lr_lambda, trainable_groups
-from medvl.train.zero import deepspeed_config, initialize
+from medvl.train.zero import deepspeed_config, initialize, partitioned_loading
 
 CKPT_TAG = "ckpt"
 STATE_FILE = "state.json"  # step (= data position) and metrics, written by rank 0
@@ -46,17 +47,22 @@ def train_loop_per_worker(config: dict) -> None:
     from medvl.train.model import build_model
 
     cfg = TrainConfig(**config["train"])
+    memory = PhasePeaks()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
     if not cfg.use_gpu:  # one intra-op thread per allotted core: no oversubscription
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    model, tok = build_model(cfg)  # train mode, recomputation as the recipe sets it, no KV cache
+    ds_config = deepspeed_config(cfg)
+    with partitioned_loading(ds_config):  # ZeRO-3: each rank materialises only its partition
+        model, tok = build_model(cfg)  # train mode, recomputation as the recipe sets it, no KV cache
+    memory.mark("load")
     steps = config["steps"]
     opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=cfg.use_gpu)  # one kernel per step on GPU, as benchmarked
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_ratio))
-    engine = initialize(model, opt, sched, deepspeed_config(cfg))
+    engine = initialize(model, opt, sched, ds_config)
+    memory.mark("setup")  # under ZeRO-3, the full weights are partitioned here
 
     start, history, resumes = 0, [], []
     digest = projector_digest(engine)  # the weights this stage starts from
@@ -112,8 +118,11 @@ def train_loop_per_worker(config: dict) -> None:
         if save:
             state = {"step": step + 1, "history": history, "resumes": resumes, "init_projector_sha256": digest}
             save_and_report(engine, state)
+    memory.mark("train")
     lora = (cfg.lora_r, cfg.lora_alpha) if cfg.lora_r else None
     export_hf(engine.module, tok, config["hf"], rank, config["meta"], cfg.max_shard_mb * 10**6, lora)
+    memory.mark("export")
+    memory.write(cfg.output, rank)
 
 
 def sync_metrics(pending: list[dict], world: int) -> list[dict]:

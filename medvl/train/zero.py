@@ -7,8 +7,10 @@ skipped, so the first step comes in seconds instead of minutes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -34,6 +36,35 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict) -> Iterator[None]:
+    """Under ZeRO-3, HF ``from_pretrained`` calls inside this block build every module
+    already partitioned (``zero.Init``) and fill it one module at a time, rank 0 reading
+    the checkpoint and the other ranks receiving only their partition: no worker ever
+    holds a full copy of the LLM (8 full bf16 copies of a 13B model per node otherwise).
+    Other stages load normally: each worker needs the full weights there anyway.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _skip_cpu_op_builds()
+    # zero.Init sizes partitions by DeepSpeed's own world size: attach DeepSpeed's comm
+    # layer to the process group Ray Train made (as deepspeed.initialize does later).
+    deepspeed.init_distributed(dist_init_required=False)
+    hf_ds = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference to it
+    try:
+        yield
+    finally:
+        del hf_ds
+        unset_hf_deepspeed_config()
 
 
 def _skip_cpu_op_builds() -> None:
