@@ -1,0 +1,253 @@
+"""Host memory of training at the real architecture, rehearsed at a size this machine holds.
+
+One run, printed as a table. The rehearsal model has the real shape: a Llama-2-shaped LLM
+(hidden 2048, MLP 5504, 16 heads, 8 layers: 0.41B parameters) + a small CLIP tower +
+mlp2x_gelu, random-init and saved to disk in bf16 by this script (in a subprocess, so the
+driver's own figures stay clean). Stage 1 (ZeRO-2, projector only) starts from the two
+tower directories, stage 2 (ZeRO-3, projector + LLM) from stage 1's export; 2 CPU workers,
+2 steps each, the final export included. A sampler thread reads the RSS of the driver and of
+every Ray Train worker of this run every 20 ms; the workers also record their own peak per
+phase (``OUTPUT/memory/rank*.json``: load, DeepSpeed set-up, train, export).
+
+Figures are (peak - idle RSS) / W, W = the weights' size in the training dtype. On a GPU that
+dtype is bf16; on this CPU training runs in fp32 (bf16 matmuls run at 0.3 GFLOP/s here), so
+W = 4 bytes x parameters and the ratios are those a bf16 run has against its bf16 weights.
+On a GPU the optimizer state and gradients live in GPU memory; here they are host memory,
+so the CPU "train" phase is an upper bound of what a GPU worker holds on the host.
+
+``--code DIR`` runs the same rehearsal on another checkout of medvl (e.g. the previous
+commit, in a git worktree) to print its figures first, in the same table.
+
+Usage: python benchmarks/memory.py [--workdir benchmarks/out/memory] [--code DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+SHAPE = dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=16, num_key_value_heads=16)
+LAYERS = 8  # the rehearsal LLM; LAYERS // 2 for the second stage-1 checkpoint size
+WORKERS = 2
+BLOCK = 4 * (4 * SHAPE["hidden_size"] ** 2 + 3 * SHAPE["hidden_size"] * SHAPE["intermediate_size"])  # fp32
+SHARD_MB = 330  # ~W/5: a 13B model (26 GB in bf16) in 5 GB shards
+
+
+def make_towers(root: str, layers: int, tokenizer: str) -> None:
+    """A CLIP tower and a Llama-2-shaped LLM, random-init, saved in bf16 (run in a subprocess)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from medvl.tokenizer import load
+
+    torch.manual_seed(0)
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                              num_attention_heads=4, image_size=32, patch_size=8))
+    vision.to(torch.bfloat16).save_pretrained(f"{root}/vit")
+    with torch.device("meta"):  # initialise straight in bf16, one layer at a time
+        llm = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, vocab_size=len(load(tokenizer)),
+                                           max_position_embeddings=512, **SHAPE))
+    llm = llm.to_empty(device="cpu").to(torch.bfloat16)
+    for p in llm.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    llm.save_pretrained(f"{root}/llm-{layers}")
+
+
+class Sampler(threading.Thread):
+    """Peak and first-seen RSS of this process and of every Ray Train worker below it."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.me = psutil.Process()
+        self.driver_idle = self.me.memory_info().rss
+        self.driver_peak = self.driver_idle
+        self.workers: dict[int, list[int]] = {}  # pid -> [first, peak]
+        self.running = True
+        self.start()
+
+    def run(self) -> None:
+        while self.running:
+            self.driver_peak = max(self.driver_peak, self.me.memory_info().rss)
+            for p in self.me.children(recursive=True):
+                try:
+                    if not any("RayTrainWorker" in c for c in p.cmdline()):
+                        continue
+                    rss = p.memory_info().rss
+                except psutil.Error:
+                    continue
+                first_peak = self.workers.setdefault(p.pid, [rss, rss])
+                first_peak[1] = max(first_peak[1], rss)
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.running = False
+        self.join()
+
+
+def run_stage(cfg) -> dict:
+    from medvl.train.trainer import train
+
+    sampler = Sampler()
+    t0 = time.time()
+    train(cfg)
+    sampler.stop()
+    phases = {}
+    for f in sorted(Path(cfg.output, "memory").glob("rank*.json")):
+        phases[f.stem] = json.loads(f.read_text())
+    workers = sorted(sampler.workers.values(), key=lambda fp: -fp[1])[:WORKERS]
+    return {"driver": sampler.driver_peak - sampler.driver_idle, "workers": [p - f for f, p in workers],
+            "phases": phases, "seconds": time.time() - t0,
+            "checkpoint_bytes": checkpoint_bytes(Path(cfg.output, cfg.name))}
+
+
+def checkpoint_bytes(run: Path) -> int:
+    """Bytes of the newest checkpoint directory of a Ray Train run."""
+    ckpts = sorted(d for d in run.glob("checkpoint_*") if d.is_dir())
+    return sum(f.stat().st_size for f in ckpts[-1].rglob("*") if f.is_file()) if ckpts else 0
+
+
+def rehearse(root: Path) -> dict:
+    """Stage 1 at two LLM sizes (checkpoint bytes), stage 2 from the larger one."""
+    import ray
+
+    from medvl.data.demo import build_demo_data
+    from medvl.data.preprocess import PreprocessConfig, preprocess
+    from medvl.train.config import TrainConfig
+
+    tok = str(root / "demo/tokenizer")
+    if not (root / "demo").exists():
+        build_demo_data(str(root / "demo"), variants=1)
+    for layers in (LAYERS, LAYERS // 2):
+        if not (root / f"towers/llm-{layers}").exists():
+            subprocess.run([sys.executable, __file__, "--make-towers", str(root / "towers"),
+                            "--layers", str(layers), "--tokenizer", tok], check=True)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    data = {}
+    for corpus, template in (("alignment", "plain"), ("instruction", "v1")):
+        data[corpus] = str(root / f"data-{corpus}")
+        if not Path(data[corpus]).exists():
+            preprocess(PreprocessConfig(data=str(root / f"demo/{corpus}_train.jsonl"),
+                                        image_root=str(root / "demo/images"), output=data[corpus], tokenizer=tok,
+                                        template=template, image_size=32, num_image_tokens=16, max_length=256))
+    common = dict(tokenizer=tok, num_workers=WORKERS, batch_size=1, max_steps=2, log_every=10**9,
+                  vision_tower=str(root / "towers/vit"))
+    if "max_shard_mb" in TrainConfig.__dataclass_fields__:  # absent before the workers exported
+        common["max_shard_mb"] = SHARD_MB
+    results = {}
+    for layers in (LAYERS // 2, LAYERS):
+        out = root / f"run-s1-{layers}"
+        shutil.rmtree(out, ignore_errors=True)
+        results[f"s1-{layers}"] = run_stage(TrainConfig(
+            stage=1, data=data["alignment"], output=str(out), name="s1", zero_stage=2,
+            llm=str(root / f"towers/llm-{layers}"), **common))
+    out = root / "run-s2"
+    shutil.rmtree(out, ignore_errors=True)
+    results["s2"] = run_stage(TrainConfig(
+        stage=2, data=data["instruction"], output=str(out), name="s2", zero_stage=3, lr=2e-5,
+        init=str(root / f"run-s1-{LAYERS}/hf"), **{k: v for k, v in common.items() if k != "vision_tower"}))
+    ray.shutdown()
+    return results
+
+
+def weights_bytes(root: Path, layers: int) -> int:
+    """Parameters of the rehearsal model (from the bf16 files) x 4 bytes (fp32 training here)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in [*(root / "towers/vit").glob("*.safetensors"), *(root / f"towers/llm-{layers}").glob("*.safetensors")]:
+        with safe_open(f, "pt") as st:
+            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
+    return 4 * n
+
+
+def figures(res: dict, w: int) -> dict[str, float | None]:
+    """The table's values for one rehearsal (None where the code records no phases)."""
+    gb = 1e9
+    s1, s2 = res[f"s1-{LAYERS}"], res["s2"]
+    ranks = [r for r in s2["phases"].values()]
+
+    def over(phase: str, key: str, base: str | None = None) -> float | None:
+        if not ranks:
+            return None
+        return max((r["phases"][phase][key] - (r["phases"][base]["end"] if base else r["idle"]))
+                   for r in ranks) / w
+
+    return {
+        "s1_worker": max(s1["workers"]) / w, "s1_driver": s1["driver"] / gb,
+        "s2_worker": max(s2["workers"]) / w, "s2_load_end": over("load", "end"),
+        "s2_load_peak": over("load", "peak"), "s2_export": over("export", "peak", base="train"),
+        "s2_driver": s2["driver"] / gb,
+        "ckpt_small": res[f"s1-{LAYERS // 2}"]["checkpoint_bytes"] / 1e6, "ckpt_big": s1["checkpoint_bytes"] / 1e6,
+    }
+
+
+def print_table(tables: list[tuple[str, dict]], w: int, block: int, shard: int) -> None:
+    zero3 = 1.5 / WORKERS + block / w
+    export = (shard + block) / w
+    rows = [  # key, figure, target text, target test (None: context)
+        ("s1_worker", "stage 1 ZeRO-2: worker peak over idle / W", "<=1.5", lambda v: v <= 1.5),
+        ("s1_driver", "stage 1: driver peak over idle, GB", "<1.5", lambda v: v < 1.5),
+        ("s2_load_end", "stage 2 ZeRO-3: worker RSS after loading / W", f"<={zero3:.2f}", lambda v: v <= zero3),
+        ("s2_load_peak", "stage 2 ZeRO-3: worker load peak / W (rank 0 reads)", "", None),
+        ("s2_export", "stage 2 ZeRO-3: export's increase / W", f"<={export:.2f}", lambda v: v <= export),
+        ("s2_worker", "stage 2 ZeRO-3: worker whole-run peak / W (+opt. state)", "", None),
+        ("s2_driver", "stage 2: driver peak over idle, GB", "<1.5", lambda v: v < 1.5),
+        ("ckpt_small", f"stage 1 checkpoint MB, LLM {LAYERS // 2} layers", "", None),
+        ("ckpt_big", f"stage 1 checkpoint MB, LLM {LAYERS} layers", "same", None),
+    ]
+    values = [figures(res, w) for _, res in tables]
+    print(f"\n{'figure':<58}" + "".join(f"{label:>10}" for label, _ in tables) + "  target")
+    for key, name, target, ok in rows:
+        cells = "".join(f"{v[key]:>10.2f}" if v[key] is not None else f"{'n/a':>10}" for v in values)
+        last = values[-1][key]
+        if key == "ckpt_big":
+            small = values[-1]["ckpt_small"]
+            ok_now = abs(last - small) <= 0.02 * small
+        else:
+            ok_now = ok(last) if ok and last is not None else None
+        verdict = "" if ok_now is None else ("  MET" if ok_now else "  MISSED")
+        print(f"{name:<58}{cells}  {target}{verdict}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="benchmarks/out/memory")
+    ap.add_argument("--code", help="another medvl checkout to rehearse first (its figures print first)")
+    ap.add_argument("--make-towers", help=argparse.SUPPRESS)
+    ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.make_towers:
+        return make_towers(args.make_towers, args.layers, args.tokenizer)
+    root = Path(args.workdir).resolve()
+    if args.json:  # a child run on another checkout: figures only
+        Path(args.json).write_text(json.dumps(rehearse(root)))
+        return
+    tables = []
+    if args.code:
+        env = {**os.environ, "PYTHONPATH": os.path.abspath(args.code)}
+        out = root / "before.json"
+        subprocess.run([sys.executable, __file__, "--workdir", str(root), "--json", str(out)], check=True,
+                       env=env, cwd=args.code)
+        tables.append(("before", json.loads(out.read_text())))
+    tables.append(("after", rehearse(root)))
+    w = weights_bytes(root, LAYERS)
+    print(f"\nrehearsal model: W = {w / 1e9:.2f} GB in the training dtype (fp32 here), one decoder "
+          f"block {BLOCK / 1e6:.0f} MB, export shards <= {SHARD_MB} MB (W/5, as 5 GB is for a 13B model); "
+          f"{WORKERS} workers, 2 steps per stage")
+    print_table(tables, w, BLOCK, SHARD_MB * 10**6)
+
+
+if __name__ == "__main__":
+    main()

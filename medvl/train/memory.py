@@ -1,0 +1,42 @@
+"""Host memory of a training worker, per phase, so a run says what it needs per process.
+
+At 13B the phases differ by tens of GB (loading the towers, DeepSpeed set-up, training,
+export), and node sizing needs the peak of each. A daemon thread samples this process's
+RSS every 10 ms; ``mark`` closes a phase with its peak and the RSS it leaves behind. Each
+rank writes its phases to ``OUTPUT/memory/rank{r}.json`` (read by ``benchmarks/memory.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import psutil
+
+from medvl import storage
+
+
+class PhasePeaks(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self._proc = psutil.Process()
+        self.idle = self._proc.memory_info().rss  # before the model exists
+        self._peak = self.idle
+        self.phases: dict[str, dict[str, int]] = {}
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+            time.sleep(0.01)
+
+    def mark(self, phase: str) -> None:
+        """End ``phase``: record its peak RSS and the RSS now, where the next phase starts."""
+        now = self._proc.memory_info().rss
+        self.phases[phase] = {"peak": max(self._peak, now), "end": now}
+        self._peak = now
+
+    def write(self, output: str, rank: int) -> None:
+        report = {"idle": self.idle, "phases": self.phases}
+        storage.write_text(storage.join(output, "memory", f"rank{rank}.json"), json.dumps(report, indent=1))
