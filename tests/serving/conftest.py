@@ -61,15 +61,22 @@ def server(ray_cluster, taught_model_dir, tmp_path_factory):
     port = free_port()
     run_local(cfg, port=port, blocking=False, num_cpus=0.5)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    wait_healthy(url)
+    yield url
+    serve.shutdown()
+
+
+def wait_healthy(url: str, timeout: float = 120) -> None:
+    """Poll ``/healthz`` until it answers 200; fail here, not in a later test, if it never does."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                break
+                return
         except requests.RequestException:
-            time.sleep(0.5)
-    yield url
-    serve.shutdown()
+            pass
+        time.sleep(0.5)  # also after a non-200 answer: no busy loop
+    raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout:.0f} s")
 
 
 def png_data_uri(size=(40, 30)) -> str:
