@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # Local Ray clusters here run without token auth (see README, "Ray auth").
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+
+# The quick subset while developing: unit tests and the shared-Ray data tests, no training,
+# pipeline or Serve start-ups (tests marked `slow`). CI runs the full `make test`.
+test-fast: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -m "not slow"
 
 # The main job on a local Ray: demo data -> preprocess -> stage 1 -> stage 2 -> eval -> export ->
 # deploy + one request through the openai client; summary in runs/demo/summary.md.

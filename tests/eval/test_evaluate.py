@@ -9,7 +9,7 @@ from medvl.model.build import build_tiny, save_hf
 from medvl.serving.engine import write_meta
 from medvl.tokenizer import load as load_tokenizer
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import requests
 
 from tests.serving.conftest import ANSWER, API_KEY, QUESTION, png_data_uri
 
+pytestmark = pytest.mark.slow  # starts Ray jobs / Serve: not in `make test-fast`
+
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 

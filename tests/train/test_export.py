@@ -4,6 +4,7 @@ equal to the trained weights gathered from the ZeRO-3 checkpoint, loadable by tr
 import json
 import os
 
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import LlavaForConditionalGeneration
@@ -12,6 +13,7 @@ from medvl.model.build import load_hf
 from medvl.train.loop import CKPT_TAG
 
 INDEX = "model.safetensors.index.json"
+pytestmark = pytest.mark.slow
 
 
 def _final_checkpoint(output: str, name: str) -> str:

@@ -19,7 +19,7 @@ from medvl.train.config import TrainConfig
 from medvl.train.trainer import train
 from tests.conftest import stage1_cfg
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
 
 def _falls(summary_losses: list[float]) -> bool:

@@ -18,6 +18,8 @@ import yaml
 
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.slow  # starts Ray jobs / Serve: not in `make test-fast`
+
 REPO = Path(__file__).parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 STEPS = ["demo-data", "preprocess-alignment", "preprocess-instruction", "stage1", "stage2",
