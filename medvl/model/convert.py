@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 
 import torch
 from safetensors.torch import load_file
@@ -74,13 +73,13 @@ def _check_llava_config(cfg: dict) -> None:
 
 def convert_llava(src: str, vision_tower: str, dst: str) -> LlavaForConditionalGeneration:
     """Convert an original-layout LLaVA directory (+ a CLIP directory) into an HF one at ``dst``."""
-    src_dir = storage.copy_dir_to_local(src, tempfile.mkdtemp(prefix="medvl-src-"))
-    vit_dir = storage.copy_dir_to_local(vision_tower, tempfile.mkdtemp(prefix="medvl-vit-"))
-    with open(os.path.join(src_dir, "config.json"), encoding="utf-8") as f:
-        raw = json.load(f)
-    _check_llava_config(raw)
-    tok = prepare(AutoTokenizer.from_pretrained(src_dir))
-    vision = CLIPVisionModel.from_pretrained(vit_dir)
+    with storage.local_dir(src) as src_dir, storage.local_dir(vision_tower) as vit_dir:
+        with open(os.path.join(src_dir, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+        _check_llava_config(raw)
+        tok = prepare(AutoTokenizer.from_pretrained(src_dir))
+        vision = CLIPVisionModel.from_pretrained(vit_dir)
+        state = load_state_dict(src_dir)
     llama_fields = set(LlamaConfig().to_dict())  # everything else is LLaVA's or bookkeeping
     text_cfg = LlamaConfig(**{k: v for k, v in raw.items() if k in llama_fields
                               and k not in ("architectures", "model_type", "transformers_version")})
@@ -89,7 +88,7 @@ def convert_llava(src: str, vision_tower: str, dst: str) -> LlavaForConditionalG
     model = LlavaForConditionalGeneration(config)
 
     mapped = {}
-    for key, tensor in load_state_dict(src_dir).items():
+    for key, tensor in state.items():
         new = map_key(key)
         if new is not None:
             mapped[new] = tensor
