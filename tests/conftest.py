@@ -149,9 +149,15 @@ def stage1(demo_shards, demo_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def stage2(stage1, demo_shards, tmp_path_factory):
     """Stage 2 (ZeRO-3) from stage 1's export: the trained demo model of the eval tests."""
-    from medvl.train.config import TrainConfig
     from medvl.train.trainer import train
 
-    return train(TrainConfig(stage=2, data=str(demo_shards / "in"), output=str(tmp_path_factory.mktemp("s2")),
-                             name="stage2", init=stage1["hf"], batch_size=4, lr=2e-3, epochs=1, zero_stage=3,
-                             log_every=100, max_shard_mb=1))  # 1 MB shards: the export must shard
+    return train(stage2_cfg(demo_shards, stage1["hf"], str(tmp_path_factory.mktemp("s2")), "stage2"))
+
+
+def stage2_cfg(shards, init: str, output: str, name: str, **kw):
+    """The stage-2 recipe the tests share (the ZeRO-3 fault test compares against its run)."""
+    from medvl.train.config import TrainConfig
+
+    base = dict(stage=2, data=str(shards / "in"), output=output, name=name, init=init, batch_size=4, lr=2e-3,
+                epochs=1, zero_stage=3, log_every=100, max_shard_mb=1)  # 1 MB shards: the export must shard
+    return TrainConfig(**{**base, **kw})

@@ -17,7 +17,7 @@ from medvl.serving.engine import Engine, Request
 from medvl.tokenizer import load as load_tokenizer
 from medvl.train.config import TrainConfig
 from medvl.train.trainer import train
-from tests.conftest import stage1_cfg
+from tests.conftest import stage1_cfg, stage2_cfg
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
@@ -127,6 +127,22 @@ def test_killed_worker_run_finishes_like_an_uninterrupted_one(stage1, demo_shard
     assert s["resumed_from"], "no worker was restored: the kill did not land mid-run"
     assert s["steps"] == stage1["steps"]
     assert s["last_loss"] == pytest.approx(stage1["last_loss"], rel=1e-4)
+
+
+def test_zero3_run_with_a_killed_worker_finishes_like_an_uninterrupted_one(stage1, stage2, demo_shards, tmp_path):
+    """Stage 2 under ZeRO-3: checkpoints hold only trainable partitions and their optimizer
+    state; the frozen vision tower comes back from ``init``. Same steps, same final loss,
+    same exported weights as the uninterrupted run."""
+    out = str(tmp_path / "z3")
+    killer = WorkerKiller(out, "z3")
+    s = train(stage2_cfg(demo_shards, stage1["hf"], out, "z3", checkpoint_every=10, max_failures=2))
+    killer.join(timeout=5)
+    assert killer.killed, killer.why
+    assert s["resumed_from"] and s["steps"] == stage2["steps"]
+    assert _losses(out) == pytest.approx(_losses(os.path.dirname(stage2["hf"])), rel=1e-4)
+    resumed, uninterrupted = load_hf(s["hf"]), load_hf(stage2["hf"])
+    for (name, a), (_, b) in zip(resumed.named_parameters(), uninterrupted.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_s3_checkpoints_resume_after_a_driver_level_failure(stage1, demo_shards, demo_dir, s3_endpoint):
