@@ -1,13 +1,18 @@
 """Host memory of training at the real architecture, rehearsed at a size this machine holds.
 
 One run, printed as a table. The rehearsal model has the real shape: a Llama-2-shaped LLM
-(hidden 2048, MLP 5504, 16 heads, 8 layers: 0.41B parameters) + a small CLIP tower +
+(hidden 1536, MLP 4096, 12 heads, 8 layers: 0.23B parameters, Llama-2-7B's proportions)
++ a small CLIP tower +
 mlp2x_gelu, random-init and saved to disk in bf16 by this script (in a subprocess, so the
 driver's own figures stay clean). Stage 1 (ZeRO-2, projector only) starts from the two
 tower directories, stage 2 (ZeRO-3, projector + LLM) from stage 1's export; 2 CPU workers,
 2 steps each, the final export included. A sampler thread reads the RSS of the driver and of
 every Ray Train worker of this run every 20 ms; the workers also record their own peak per
-phase (``OUTPUT/memory/rank*.json``: load, DeepSpeed set-up, train, export).
+phase (``OUTPUT/memory/rank*.json``: load, DeepSpeed set-up, train, export). Memory is
+anonymous RSS (``medvl.train.memory.anon_rss``): safetensors maps model files, and those
+file-backed pages are reclaimable page cache shared by a node's workers, not process memory.
+(A 0.41B rehearsal did not fit: on CPU stage 2 holds optimizer state, gradients and
+DeepSpeed's buckets in host RAM, ~6 W per worker, where a GPU holds them in GPU memory.)
 
 Figures are (peak - idle RSS) / W, W = the weights' size in the training dtype. On a GPU that
 dtype is bf16; on this CPU training runs in fp32 (bf16 matmuls run at 0.3 GFLOP/s here), so
@@ -36,11 +41,11 @@ from pathlib import Path
 
 import psutil
 
-SHAPE = dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=16, num_key_value_heads=16)
+SHAPE = dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, num_key_value_heads=12)
 LAYERS = 8  # the rehearsal LLM; LAYERS // 2 for the second stage-1 checkpoint size
 WORKERS = 2
 BLOCK = 4 * (4 * SHAPE["hidden_size"] ** 2 + 3 * SHAPE["hidden_size"] * SHAPE["intermediate_size"])  # fp32
-SHARD_MB = 330  # ~W/5: a 13B model (26 GB in bf16) in 5 GB shards
+SHARD_MB = 190  # ~W/5: a 13B model (26 GB in bf16) in 5 GB shards
 
 
 def make_towers(root: str, layers: int, tokenizer: str) -> None:
@@ -63,13 +68,20 @@ def make_towers(root: str, layers: int, tokenizer: str) -> None:
     llm.save_pretrained(f"{root}/llm-{layers}")
 
 
+def anon_rss(proc: psutil.Process) -> int:
+    """As ``medvl.train.memory.anon_rss``, here too because ``--code`` rehearses checkouts
+    that predate that module."""
+    m = proc.memory_info()
+    return m.rss - getattr(m, "shared", 0)
+
+
 class Sampler(threading.Thread):
     """Peak and first-seen RSS of this process and of every Ray Train worker below it."""
 
     def __init__(self):
         super().__init__(daemon=True)
         self.me = psutil.Process()
-        self.driver_idle = self.me.memory_info().rss
+        self.driver_idle = anon_rss(self.me)
         self.driver_peak = self.driver_idle
         self.workers: dict[int, list[int]] = {}  # pid -> [first, peak]
         self.running = True
@@ -77,12 +89,12 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while self.running:
-            self.driver_peak = max(self.driver_peak, self.me.memory_info().rss)
+            self.driver_peak = max(self.driver_peak, anon_rss(self.me))
             for p in self.me.children(recursive=True):
                 try:
                     if not any("RayTrainWorker" in c for c in p.cmdline()):
                         continue
-                    rss = p.memory_info().rss
+                    rss = anon_rss(p)
                 except psutil.Error:
                     continue
                 first_peak = self.workers.setdefault(p.pid, [rss, rss])
@@ -99,7 +111,13 @@ def run_stage(cfg) -> dict:
 
     sampler = Sampler()
     t0 = time.time()
-    train(cfg)
+    try:
+        train(cfg)
+    except Exception as e:  # noqa: BLE001 - e.g. OOM-killed workers: a result, reported as such
+        sampler.stop()
+        reason = "OOM-killed" if "low on memory" in str(e) else type(e).__name__
+        return {"error": reason, "driver": sampler.driver_peak - sampler.driver_idle,
+                "workers": [p - f for f, p in sampler.workers.values()], "phases": {}, "checkpoint_bytes": 0}
     sampler.stop()
     phases = {}
     for f in sorted(Path(cfg.output, "memory").glob("rank*.json")):
@@ -182,7 +200,12 @@ def figures(res: dict, w: int) -> dict[str, float | None]:
         return max((r["phases"][phase][key] - (r["phases"][base]["end"] if base else r["idle"]))
                    for r in ranks) / w
 
+    if "error" in s2:
+        return {"s2_outcome": s2["error"], "s1_worker": max(s1["workers"]) / w, "s1_driver": s1["driver"] / gb,
+                "ckpt_small": res[f"s1-{LAYERS // 2}"]["checkpoint_bytes"] / 1e6,
+                "ckpt_big": s1["checkpoint_bytes"] / 1e6}
     return {
+        "s2_outcome": "finished",
         "s1_worker": max(s1["workers"]) / w, "s1_driver": s1["driver"] / gb,
         "s2_worker": max(s2["workers"]) / w, "s2_load_end": over("load", "end"),
         "s2_load_peak": over("load", "peak"), "s2_export": over("export", "peak", base="train"),
@@ -191,11 +214,18 @@ def figures(res: dict, w: int) -> dict[str, float | None]:
     }
 
 
+def _cell(v) -> str:
+    if v is None:
+        return f"{'n/a':>12}"
+    return f"{v:>12}" if isinstance(v, str) else f"{v:>12.2f}"
+
+
 def print_table(tables: list[tuple[str, dict]], w: int, block: int, shard: int) -> None:
     zero3 = 1.5 / WORKERS + block / w
     export = (shard + block) / w
     rows = [  # key, figure, target text, target test (None: context)
-        ("s1_worker", "stage 1 ZeRO-2: worker peak over idle / W", "<=1.5", lambda v: v <= 1.5),
+        ("s2_outcome", "stage 2 ZeRO-3 run (24 GB machine)", "finished", lambda v: v == "finished"),
+        ("s1_worker", "stage 1 ZeRO-2: worker peak over first seen / W", "<=1.5", lambda v: v <= 1.5),
         ("s1_driver", "stage 1: driver peak over idle, GB", "<1.5", lambda v: v < 1.5),
         ("s2_load_end", "stage 2 ZeRO-3: worker RSS after loading / W", f"<={zero3:.2f}", lambda v: v <= zero3),
         ("s2_load_peak", "stage 2 ZeRO-3: worker load peak / W (rank 0 reads)", "", None),
@@ -206,10 +236,10 @@ def print_table(tables: list[tuple[str, dict]], w: int, block: int, shard: int) 
         ("ckpt_big", f"stage 1 checkpoint MB, LLM {LAYERS} layers", "same", None),
     ]
     values = [figures(res, w) for _, res in tables]
-    print(f"\n{'figure':<58}" + "".join(f"{label:>10}" for label, _ in tables) + "  target")
+    print(f"\n{'figure':<58}" + "".join(f"{label:>12}" for label, _ in tables) + "  target")
     for key, name, target, ok in rows:
-        cells = "".join(f"{v[key]:>10.2f}" if v[key] is not None else f"{'n/a':>10}" for v in values)
-        last = values[-1][key]
+        cells = "".join(_cell(v.get(key)) for v in values)
+        last = values[-1].get(key)
         if key == "ckpt_big":
             small = values[-1]["ckpt_small"]
             ok_now = abs(last - small) <= 0.02 * small

@@ -2,7 +2,9 @@
 
 At 13B the phases differ by tens of GB (loading the towers, DeepSpeed set-up, training,
 export), and node sizing needs the peak of each. A daemon thread samples this process's
-RSS every 10 ms; ``mark`` closes a phase with its peak and the RSS it leaves behind. Each
+anonymous RSS every 10 ms (resident memory minus file-backed pages: a model file mapped
+by safetensors is page cache, reclaimable and shared by a node's workers, not memory the
+process owns); ``mark`` closes a phase with its peak and the RSS it leaves behind. Each
 rank writes its phases to ``OUTPUT/memory/rank{r}.json`` (read by ``benchmarks/memory.py``).
 """
 
@@ -17,23 +19,29 @@ import psutil
 from medvl import storage
 
 
+def anon_rss(proc: psutil.Process) -> int:
+    """Resident memory the process owns: RSS less file-backed and shared pages."""
+    m = proc.memory_info()
+    return m.rss - getattr(m, "shared", 0)
+
+
 class PhasePeaks(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
         self._proc = psutil.Process()
-        self.idle = self._proc.memory_info().rss  # before the model exists
+        self.idle = anon_rss(self._proc)  # before the model exists
         self._peak = self.idle
         self.phases: dict[str, dict[str, int]] = {}
         self.start()
 
     def run(self) -> None:
         while True:
-            self._peak = max(self._peak, self._proc.memory_info().rss)
+            self._peak = max(self._peak, anon_rss(self._proc))
             time.sleep(0.01)
 
     def mark(self, phase: str) -> None:
         """End ``phase``: record its peak RSS and the RSS now, where the next phase starts."""
-        now = self._proc.memory_info().rss
+        now = anon_rss(self._proc)
         self.phases[phase] = {"peak": max(self._peak, now), "end": now}
         self._peak = now
 
