@@ -23,7 +23,7 @@ import torch
 from medvl.train.batching import collate
 from medvl.train.config import TrainConfig
 from medvl.train.export import export_hf
-from medvl.train.memory import PhasePeaks
+from medvl.train.memory import PhasePeaks, release_free_memory
 from medvl.train.optim import lr_lambda, trainable_groups
 from medvl.train.zero import deepspeed_config, initialize, partitioned_loading
 
@@ -56,6 +56,7 @@ def train_loop_per_worker(config: dict) -> None:
     ds_config = deepspeed_config(cfg)
     with partitioned_loading(ds_config):  # ZeRO-3: each rank materialises only its partition
         model, tok = build_model(cfg)  # train mode, recomputation as the recipe sets it, no KV cache
+    release_free_memory()
     memory.mark("load")
     steps = config["steps"]
     opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,

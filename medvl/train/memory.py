@@ -10,6 +10,7 @@ rank writes its phases to ``OUTPUT/memory/rank{r}.json`` (read by ``benchmarks/m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -23,6 +24,17 @@ def anon_rss(proc: psutil.Process) -> int:
     """Resident memory the process owns: RSS less file-backed and shared pages."""
     m = proc.memory_info()
     return m.rss - getattr(m, "shared", 0)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap back to the OS. Loading gathers and frees every module once (ZeRO-3)
+    or casts tensors; glibc keeps such memory for reuse, so without this a worker holds
+    about a full model's worth it no longer uses (measured: 1.3 -> 0.66 GB per rank on the
+    rehearsal), RAM its node's other workers need."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PhasePeaks(threading.Thread):
