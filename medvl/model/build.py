@@ -10,6 +10,7 @@ with CLS dropped (Qilin-Med-VL / LLaVA-1.5), the projector is ``mlp2x_gelu``, an
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 
@@ -80,22 +81,26 @@ def build_tiny(tok: PreTrainedTokenizerBase, preset: TinyPreset = TinyPreset(), 
 
 
 def build_from_pretrained(vision_uri: str, llm_uri: str, tok: PreTrainedTokenizerBase,
-                          dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
+                          dtype: torch.dtype = torch.float32,
+                          loading: contextlib.AbstractContextManager | None = None) -> LlavaForConditionalGeneration:
     """Real weights: a CLIP vision tower + a Llama/Qwen2 LLM, a fresh projector between them.
 
     Each tower is loaded once, straight into ``dtype``; the LLaVA shell around them is built
     on the meta device, so no random-init copy of a 13B LLM is ever materialised (that
-    copy alone was 52 GB of host RAM per worker in fp32).
+    copy alone was 52 GB of host RAM per worker in fp32). ``loading`` wraps the two
+    ``from_pretrained`` calls and the resize only (``zero.partitioned_loading`` under ZeRO-3):
+    a model *constructed* inside it would be partitioned before its weights are initialised.
     """
     with storage.local_dir(vision_uri) as vision_dir, storage.local_dir(llm_uri) as llm_dir:
         vision_cfg = AutoConfig.from_pretrained(vision_dir)
         vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)  # full CLIP dir or vision-only
         config = llava_config(vision_cfg, AutoConfig.from_pretrained(llm_dir), tok)
-        vision = CLIPVisionModel.from_pretrained(vision_dir, config=vision_cfg, dtype=dtype)
-        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
-    llm.resize_token_embeddings(len(tok))
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration(config)
+        with loading or contextlib.nullcontext():
+            vision = CLIPVisionModel.from_pretrained(vision_dir, config=vision_cfg, dtype=dtype)
+            llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+            llm.resize_token_embeddings(len(tok))
     model.model.vision_tower = vision
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head

@@ -25,7 +25,7 @@ from medvl.train.config import TrainConfig
 from medvl.train.export import export_hf
 from medvl.train.memory import PhasePeaks, release_free_memory
 from medvl.train.optim import lr_lambda, trainable_groups
-from medvl.train.zero import deepspeed_config, initialize, partitioned_loading
+from medvl.train.zero import deepspeed_config, initialize
 
 CKPT_TAG = "ckpt"
 STATE_FILE = "state.json"  # step (= data position) and metrics, written by rank 0
@@ -53,16 +53,14 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     if not cfg.use_gpu:  # one intra-op thread per allotted core: no oversubscription
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    ds_config = deepspeed_config(cfg)
-    with partitioned_loading(ds_config):  # ZeRO-3: each rank materialises only its partition
-        model, tok = build_model(cfg)  # train mode, recomputation as the recipe sets it, no KV cache
+    model, tok = build_model(cfg)  # train mode, recomputation as the recipe sets it, no KV cache
     release_free_memory()
     memory.mark("load")
     steps = config["steps"]
     opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=cfg.use_gpu)  # one kernel per step on GPU, as benchmarked
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_ratio))
-    engine = initialize(model, opt, sched, ds_config)
+    engine = initialize(model, opt, sched, deepspeed_config(cfg))
     memory.mark("setup")  # under ZeRO-3, the full weights are partitioned here
 
     start, history, resumes = 0, [], []

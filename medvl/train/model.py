@@ -8,6 +8,7 @@ import torch
 from medvl.model.build import TinyPreset, build_from_pretrained, build_tiny, load_hf
 from medvl.tokenizer import load as load_tokenizer
 from medvl.train.config import TrainConfig
+from medvl.train.zero import deepspeed_config, partitioned_loading
 
 
 def tokenizer_uri(cfg: TrainConfig) -> str:
@@ -23,11 +24,13 @@ def build_model(cfg: TrainConfig):
     """(model in train mode, tokenizer): the one entry the worker loop and benchmarks use."""
     tok = load_tokenizer(tokenizer_uri(cfg))
     dtype = training_dtype(cfg)
-    if cfg.init:
-        model = load_hf(cfg.init, dtype)
+    if cfg.init:  # ZeRO-3: each rank materialises only its partition (see partitioned_loading)
+        with partitioned_loading(deepspeed_config(cfg)):
+            model = load_hf(cfg.init, dtype)
     elif cfg.vision_tower and cfg.llm:
-        model = build_from_pretrained(cfg.vision_tower, cfg.llm, tok, dtype)
-    else:
+        model = build_from_pretrained(cfg.vision_tower, cfg.llm, tok, dtype,
+                                      loading=partitioned_loading(deepspeed_config(cfg)))
+    else:  # random init, small: built whole, DeepSpeed partitions it at initialize
         model = build_tiny(tok, TinyPreset(), seed=cfg.seed).to(dtype)
     return prepare_for_training(model, cfg.gradient_checkpointing), tok
 

@@ -145,6 +145,16 @@ def test_zero3_run_with_a_killed_worker_finishes_like_an_uninterrupted_one(stage
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_zero3_stage2_from_a_random_init_preset(demo_shards, demo_dir, tmp_path):
+    """No `init`: the tiny preset is built whole and partitioned by DeepSpeed, not by zero.Init
+    (transformers' weight init indexed an empty partition when it was built under ZeRO-3)."""
+    s = train(TrainConfig(stage=2, data=str(demo_shards / "in"), output=str(tmp_path / "z3tiny"), name="z3tiny",
+                          tokenizer=str(demo_dir / "tokenizer"), batch_size=4, zero_stage=3, max_steps=2,
+                          log_every=100))
+    assert s["steps"] == 2 and np.isfinite(s["last_loss"])
+    assert load_hf(s["hf"]).config.text_config.vocab_size == len(load_tokenizer(str(demo_dir / "tokenizer")))
+
+
 def test_s3_checkpoints_resume_after_a_driver_level_failure(stage1, demo_shards, demo_dir, s3_endpoint):
     out = f"{s3_endpoint}/runs/s1"
     cfg = stage1_cfg(demo_shards, demo_dir, out, "crashy", max_failures=0)
