@@ -73,12 +73,10 @@ def _gathered(groups, shard: list[int], rank: int, lora: tuple[int, int] | None)
 
     for i in shard:
         params = [p for _, p in groups[i]]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if rank != 0:
-                yield {}
-                continue
-            tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in groups[i]}
-        yield merge_lora(tensors, *lora) if lora else tensors
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # every rank gathers
+            tensors = ({name: p.detach().to("cpu", copy=True).contiguous() for name, p in groups[i]}
+                       if rank == 0 else {})
+        yield merge_lora(tensors, *lora) if lora and tensors else tensors
 
 
 def export_hf(module: torch.nn.Module, tok, uri: str, rank: int, meta: dict,
