@@ -21,7 +21,7 @@ import ray
 from medvl import config, storage
 from medvl.data import images, records, templates
 from medvl.data.tokenize import IGNORE, count_tokens, encode_segments
-from medvl.data.writer import ShardSink
+from medvl.data.writer import ROW_SCHEMA, ShardSink
 from medvl.tokenizer import load as load_tokenizer
 
 
@@ -98,12 +98,6 @@ def process_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> pa.Tab
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
-ROW_SCHEMA = pa.schema([
-    ("id", pa.string()), ("line", pa.int64()), ("reason", pa.string()), ("detail", pa.string()),
-    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-    ("pixels", pa.binary()), ("length", pa.int32()),
-    ("question_tokens", pa.list_(pa.int32())), ("answer_tokens", pa.list_(pa.int32())),
-])
 
 
 def read_raw_records(uri: str) -> list[dict[str, Any]]:

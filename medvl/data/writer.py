@@ -19,7 +19,18 @@ from ray.data.datasource.datasink import WriteResult
 
 from medvl import storage
 
+# One processed record, kept (reason empty) or rejected.
+ROW_SCHEMA = pa.schema([
+    ("id", pa.string()), ("line", pa.int64()), ("reason", pa.string()), ("detail", pa.string()),
+    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("pixels", pa.binary()), ("length", pa.int32()),
+    ("question_tokens", pa.list_(pa.int32())), ("answer_tokens", pa.list_(pa.int32())),
+])
 SHARD_COLUMNS = ["id", "input_ids", "labels", "pixels", "length"]
+SHARD_SCHEMA = pa.schema([ROW_SCHEMA.field(c) for c in SHARD_COLUMNS])
+# The feed reads whole row groups: small ones keep a rank's reads close to its own rows
+# and a preprocess task's memory to one row group.
+ROW_GROUP_ROWS = 64
 
 
 class ShardSink(Datasink):
@@ -31,24 +42,34 @@ class ShardSink(Datasink):
         self.manifest: dict[str, Any] = {}
 
     def write(self, blocks, ctx) -> dict[str, Any]:
-        table = pa.concat_tables([pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks])
-        rejected = pc.not_equal(table["reason"], "")
-        kept = table.filter(pc.invert(rejected))
-        bad = table.filter(rejected).select(["line", "id", "reason", "detail"]).to_pylist()
-        shard = ""
-        if kept.num_rows:
-            shard = f"shards/part-{ctx.task_idx:05d}.parquet"
-            fs, path = storage.resolve(storage.join(self.output, shard))
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            pq.write_table(kept.select(SHARD_COLUMNS), path, filesystem=fs)
-        return {
-            "shard": shard,
-            "kept": kept.num_rows,
-            "rejects": bad,
-            "question_tokens": pc.list_flatten(kept["question_tokens"]).to_pylist(),
-            "answer_tokens": pc.list_flatten(kept["answer_tokens"]).to_pylist(),
-            "lengths": kept["length"].to_pylist(),
-        }
+        """Stream this task's blocks into one shard of small row groups, keeping only the
+        rejects and the token counts in memory."""
+        shard = f"shards/part-{ctx.task_idx:05d}.parquet"
+        fs, path = storage.resolve(storage.join(self.output, shard))
+        out: dict[str, Any] = {"shard": "", "kept": 0, "rejects": [], "question_tokens": [],
+                               "answer_tokens": [], "lengths": []}
+        writer = None
+        try:
+            for block in blocks:
+                table = block if isinstance(block, pa.Table) else pa.table(block)
+                rejected = pc.not_equal(table["reason"], "")
+                kept = table.filter(pc.invert(rejected))
+                out["rejects"] += table.filter(rejected).select(["line", "id", "reason", "detail"]).to_pylist()
+                if not kept.num_rows:
+                    continue
+                if writer is None:
+                    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                    writer = pq.ParquetWriter(path, SHARD_SCHEMA, filesystem=fs)
+                writer.write_table(kept.select(SHARD_COLUMNS).cast(SHARD_SCHEMA), row_group_size=ROW_GROUP_ROWS)
+                out["kept"] += kept.num_rows
+                out["question_tokens"] += pc.list_flatten(kept["question_tokens"]).to_pylist()
+                out["answer_tokens"] += pc.list_flatten(kept["answer_tokens"]).to_pylist()
+                out["lengths"] += kept["length"].to_pylist()
+        finally:
+            if writer is not None:
+                writer.close()
+        out["shard"] = shard if out["kept"] else ""
+        return out
 
     def on_write_complete(self, write_result: WriteResult) -> None:
         results = write_result.write_returns
@@ -57,6 +78,7 @@ class ShardSink(Datasink):
                  for r in rejects]
         storage.write_text(storage.join(self.output, "rejects.jsonl"), "".join(x + "\n" for x in lines))
         kept = sum(res["kept"] for res in results)
+        written = sorted((res for res in results if res["shard"]), key=lambda res: res["shard"])
         answers = [n for res in results for n in res["answer_tokens"]]
         tokens = {"sample_length": _quartiles([n for res in results for n in res["lengths"]])}
         if self.plain:
@@ -69,7 +91,8 @@ class ShardSink(Datasink):
             "records_kept": kept,
             "records_rejected": len(rejects),
             "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-            "shards": sorted(res["shard"] for res in results if res["shard"]),
+            "shards": [res["shard"] for res in written],
+            "shard_rows": [res["kept"] for res in written],
             "tokens": tokens,
             "config": self.run_config,
         }

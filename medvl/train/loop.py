@@ -20,9 +20,10 @@ import numpy as np
 import ray.train
 import torch
 
-from medvl.train.batching import collate
+from medvl import storage
 from medvl.train.config import TrainConfig
 from medvl.train.export import export_hf
+from medvl.train.feed import FeedCollate, FeedPlan, rank_feed
 from medvl.train.memory import PhasePeaks, release_free_memory
 from medvl.train.optim import lr_lambda, trainable_groups
 from medvl.train.zero import deepspeed_config, initialize
@@ -77,12 +78,13 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[stage {cfg.stage}] resumed from checkpoint at step {start}", flush=True)
 
-    image_size = model.config.vision_config.image_size
-    it = ray.train.get_dataset_shard(f"rank{rank}").iter_batches(
-        batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2)
-    micro = iter(it)
-    for _ in range(start * cfg.grad_accum):  # the data position: skip what was trained
-        next(micro)
+    plan = FeedPlan(**config["plan"])
+    collate = FeedCollate(tok.pad_token_id, model.config.vision_config.image_size)
+    t_feed = time.perf_counter()
+    # Starts at the data position: nothing trained is read again.
+    micro = iter(rank_feed(plan, rank, start).iter_torch_batches(
+        batch_size=cfg.batch_size, prefetch_batches=2, collate_fn=collate) if start < steps else ())
+    feed = {"start_step": start, "rows": (steps - start) * plan.share, "read_bytes": 0}
     pending: list[dict] = []  # this rank's metrics since the last sync
     for step in range(start, steps):
         t0 = time.perf_counter()
@@ -90,12 +92,14 @@ def train_loop_per_worker(config: dict) -> None:
         losses = []
         for _ in range(cfg.grad_accum):
             tw = time.perf_counter()
-            rows = next(micro)
-            expect = (step * cfg.grad_accum + len(losses)) * cfg.batch_size
-            if rows["order"][0] != expect:  # the plan is the data position: never drift
-                raise RuntimeError(f"rank {rank}: batch starts at plan row {rows['order'][0]}, expected {expect}")
-            batch = collate(rows, tok.pad_token_id, image_size)
+            batch = next(micro)
             wait += time.perf_counter() - tw
+            feed.setdefault("first_batch_s", time.perf_counter() - t_feed)
+            expect = (step * cfg.grad_accum + len(losses)) * cfg.batch_size
+            order = batch.pop("order")
+            if order[0].item() != expect:  # the plan is the data position: never drift
+                raise RuntimeError(f"rank {rank}: batch starts at plan row {order[0].item()}, expected {expect}")
+            feed["read_bytes"] += batch.pop("read_bytes").item()
             tokens += batch["attention_mask"].sum().item()
             padded += batch["attention_mask"].numel()
             loss = engine(**batch).loss
@@ -118,6 +122,7 @@ def train_loop_per_worker(config: dict) -> None:
             state = {"step": step + 1, "history": history, "resumes": resumes, "init_projector_sha256": digest}
             save_and_report(engine, state)
     memory.mark("train")
+    storage.write_text(storage.join(cfg.output, "feed", f"rank{rank}.json"), json.dumps(feed))
     lora = (cfg.lora_r, cfg.lora_alpha) if cfg.lora_r else None
     export_hf(engine.module, tok, config["hf"], rank, config["meta"], cfg.max_shard_mb * 10**6, lora)
     memory.mark("export")

@@ -1,0 +1,200 @@
+"""The training feed: each rank streams only its own rows, in plan order, from the shards.
+
+A plan fixes, before step 1, which rows every rank trains on at every step, from the shard
+row counts alone (the driver never reads the data). Per epoch the shards are shuffled
+and concatenated, wrapped round to a whole number of global batches (no row dropped,
+as torch's ``DistributedSampler`` pads), and cut into one contiguous range per rank. So a
+rank's rows lie in a few consecutive shards, and it reads those (64-row Parquet row
+groups) and nothing else: bytes read per rank do not grow with the number of ranks.
+
+Inside its range a rank works in windows of ``WINDOW_STEPS`` steps: a window's rows are
+shuffled, sorted by length (LLaVA's length grouping, which keeps padding low) and cut
+into steps whose order is shuffled again. Each window is one Ray Data read task that
+emits its rows in plan order with their position (``order``), so the loop can check that
+it trains on exactly the row the plan says; a resume starts reading at the window of its
+step. Everything is a function of (seed, rank, window): a resumed run sees the same
+batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from medvl import storage
+from medvl.train.batching import collate
+
+WINDOW_STEPS = 32  # steps per length-grouping window (HF's megabatch is 50 batches, LLaVA's 1)
+FEED_COLUMNS = ["input_ids", "labels", "pixels", "length"]
+
+
+@dataclass(frozen=True)
+class FeedPlan:
+    """Everything that decides the batch order; identical on the driver and every rank."""
+
+    shards: tuple[str, ...]  # shard URIs, in manifest order
+    shard_rows: tuple[int, ...]  # kept rows per shard
+    world: int
+    share: int  # rows per rank per optimizer step (micro batch x grad_accum)
+    seed: int
+    epochs: int
+    group_by_length: bool
+    max_steps: int = 0
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """Global row ids of one epoch: shards shuffled, wrapped to whole global batches."""
+        starts = np.concatenate([[0], np.cumsum(self.shard_rows)])
+        rng = np.random.default_rng([self.seed, epoch])
+        rows = np.concatenate([np.arange(starts[s], starts[s + 1])
+                               for s in rng.permutation(len(self.shard_rows))])
+        pad = (-len(rows)) % (self.world * self.share)
+        return np.concatenate([rows, np.resize(rows, pad)]) if pad else rows
+
+    @property
+    def steps(self) -> int:
+        per_epoch = -(-sum(self.shard_rows) // (self.world * self.share))
+        total = per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def rank_rows(self, rank: int) -> np.ndarray:
+        """This rank's global row ids, epoch after epoch, before windows reorder them."""
+        parts = []
+        for epoch in range(self.epochs):
+            rows = self.epoch_rows(epoch)
+            n = len(rows) // self.world
+            parts.append(rows[rank * n:(rank + 1) * n])
+        return np.concatenate(parts)[: self.steps * self.share]
+
+    def window_order(self, rank: int, window: int, lengths: np.ndarray) -> np.ndarray:
+        """Positions (into the window's rows as read) in plan order."""
+        rng = np.random.default_rng([self.seed, rank, window])
+        order = rng.permutation(len(lengths))
+        if self.group_by_length:
+            order = order[np.argsort(-lengths[order], kind="stable")]
+        steps = order.reshape(-1, self.share)
+        return steps[rng.permutation(len(steps))].ravel()
+
+
+def locate(plan: FeedPlan, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Global row ids -> ``(shard, local row ids)`` runs, in the given order."""
+    starts = np.concatenate([[0], np.cumsum(plan.shard_rows)])
+    shard = np.searchsorted(starts, rows, side="right") - 1
+    cuts = np.flatnonzero(np.diff(shard)) + 1
+    return [(int(shard[c[0]]), rows[c] - starts[shard[c[0]]]) for c in np.split(np.arange(len(rows)), cuts)]
+
+
+class CountingFile(io.RawIOBase):
+    """A seekable reader that counts the bytes it hands out: the feed's per-rank byte counter."""
+
+    def __init__(self, f):
+        self.f, self.bytes_read = f, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        b[: len(data)] = data
+        self.bytes_read += len(data)
+        return len(data)
+
+
+def read_rows(uri: str, local: np.ndarray, columns: list[str]) -> tuple[pa.Table, int]:
+    """Rows ``local`` of one shard, in that order, reading only the row groups holding them."""
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as raw:
+        f = CountingFile(raw)
+        pf = pq.ParquetFile(f)
+        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        group = np.searchsorted(bounds, local, side="right") - 1
+        chosen = np.unique(group)
+        table = pf.read_row_groups(chosen.tolist(), columns=columns)
+    base = np.concatenate([[0], np.cumsum(np.asarray(sizes)[chosen])])
+    return table.take(base[np.searchsorted(chosen, group)] + local - bounds[group]), f.bytes_read
+
+
+def read_window(plan: FeedPlan, rank: int, window: int, rows: np.ndarray, first: int,
+                skip: int) -> Iterator[pa.Table]:
+    """One window's rows in plan order, one table per step, minus the ``skip`` rows a
+    resume has trained already. ``order`` is each row's position in the rank's stream;
+    ``read_bytes`` (on the first row) what this task read from storage."""
+    parts, read = [], 0
+    for shard, local in locate(plan, rows):
+        table, n = read_rows(plan.shards[shard], local, FEED_COLUMNS)
+        parts.append(table)
+        read += n
+    table = pa.concat_tables(parts)
+    table = table.take(plan.window_order(rank, window, table["length"].to_numpy()))
+    table = table.append_column("order", pa.array(np.arange(first, first + len(rows)), pa.int64()))
+    counter = np.zeros(len(rows), np.int64)
+    for start in range(skip, len(rows), plan.share):
+        counter[start] = read if start == skip else 0
+        step = table.slice(start, plan.share)
+        yield step.append_column("read_bytes", pa.array(counter[start:start + plan.share]))
+
+
+class FeedSource(Datasource):
+    """A rank's stream from step ``start`` on: one read task per window."""
+
+    def __init__(self, plan: FeedPlan, rank: int, start: int):
+        self.plan, self.rank, self.start = plan, rank, start
+        self.rows = plan.rank_rows(rank)
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        plan, rank = self.plan, self.rank  # the tasks capture these, not the whole stream
+        span = WINDOW_STEPS * plan.share
+        skip_to = self.start * plan.share
+        tasks = []
+        for window in range(skip_to // span, -(-len(self.rows) // span)):
+            first = window * span
+            rows = self.rows[first:first + span]
+            skip = max(0, skip_to - first)
+            meta = BlockMetadata(num_rows=len(rows) - skip, size_bytes=None, input_files=None,
+                                 exec_stats=None)
+            tasks.append(ReadTask(
+                lambda w=window, r=rows, f=first, s=skip: read_window(plan, rank, w, r, f, s),
+                meta, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+def rank_feed(plan: FeedPlan, rank: int, start: int) -> ray.data.Dataset:
+    """This rank's rows from step ``start`` on, in plan order (a Ray Dataset, streamed)."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    return ray.data.read_datasource(FeedSource(plan, rank, start))
+
+
+@dataclass(frozen=True)
+class FeedCollate:
+    """Rows -> model tensors in Ray Data's prefetch threads; ``order`` and ``read_bytes`` ride along."""
+
+    pad_id: int
+    image_size: int
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        batch = collate(rows, self.pad_id, self.image_size)
+        batch["order"] = torch.from_numpy(rows["order"])
+        batch["read_bytes"] = torch.tensor(int(rows["read_bytes"].sum()))
+        return batch
