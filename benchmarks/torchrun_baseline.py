@@ -11,6 +11,7 @@ Usage: torchrun --nproc_per_node 2 benchmarks/torchrun_baseline.py CONFIG_JSON S
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -22,10 +23,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from medvl.train.batching import collate, plan_batches
+from medvl.train.batching import collate
 from medvl.train.config import TrainConfig
+from medvl.train.feed import plan_rows
 from medvl.train.model import build_model
 from medvl.train.optim import lr_lambda, trainable_groups
+from medvl.train.trainer import feed_plan, read_manifest
 from medvl.train.zero import deepspeed_config, initialize
 
 COLUMNS = ("input_ids", "labels", "pixels")
@@ -61,17 +64,15 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_ratio))
     engine = initialize(model, opt, sched, deepspeed_config(cfg))
     table = pq.read_table(f"{cfg.data}/shards", columns=[*COLUMNS, "length"])
-    plan = plan_batches(table["length"].to_numpy(), cfg.global_batch, cfg.seed, cfg.group_by_length,
-                        cfg.epochs)[:steps]
-    share = cfg.batch_size * cfg.grad_accum
-    order = plan[:, rank * share:(rank + 1) * share].ravel()
+    plan = feed_plan(dataclasses.replace(cfg, max_steps=steps), read_manifest(cfg.data))
+    order = plan_rows(plan, rank, table["length"].to_numpy())  # the rows the Ray feed gives this rank
     rows = table.select(list(COLUMNS)).to_pydict()
     loader = DataLoader(PlannedRows(rows, order), batch_size=cfg.batch_size, num_workers=1, prefetch_factor=2,
                         collate_fn=partial(collate_rows, pad_id=tok.pad_token_id,
                                            image_size=model.config.vision_config.image_size))
     micro = iter(loader)
     times = []
-    for _ in range(len(plan)):
+    for _ in range(plan.steps):
         t0 = time.perf_counter()
         for _ in range(cfg.grad_accum):
             loss = engine(**next(micro)).loss

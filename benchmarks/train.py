@@ -38,10 +38,11 @@ from medvl.data.demo import build_demo_data
 from medvl.data.preprocess import PreprocessConfig, preprocess
 from medvl.model.build import build_tiny
 from medvl.tokenizer import load as load_tokenizer
-from medvl.train.batching import collate, padding_fraction, plan_batches
+from medvl.train.batching import collate, padding_fraction
 from medvl.train.config import TrainConfig
+from medvl.train.feed import FeedPlan, plan_rows
 from medvl.train.optim import trainable_groups
-from medvl.train.trainer import train
+from medvl.train.trainer import feed_plan, read_manifest, train
 
 WARMUP = 5
 STEPS = 60  # per run, warm-up included
@@ -63,9 +64,11 @@ def bare_loop(cfg: TrainConfig, steps: int) -> float:
     opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr)
     table = pq.read_table(f"{cfg.data}/shards", columns=["input_ids", "labels", "pixels", "length"])
     rows = table.to_pydict()
-    plan = plan_batches(np.asarray(rows["length"]), cfg.global_batch, cfg.seed, True, cfg.epochs)[:steps]
+    plan = feed_plan(dataclasses.replace(cfg, max_steps=steps), read_manifest(cfg.data))
+    share = plan.share
+    ranks = [plan_rows(plan, r, np.asarray(rows["length"])).reshape(-1, share) for r in range(plan.world)]
     times = []
-    for batch_rows in plan:
+    for batch_rows in np.concatenate(ranks, axis=1):  # step s: every rank's rows of step s
         t0 = time.perf_counter()  # like the Ray loop's step time: batch assembly included
         batch = collate({k: [rows[k][i] for i in batch_rows] for k in ("input_ids", "labels", "pixels")},
                         tok.pad_token_id, 32)
@@ -175,8 +178,9 @@ def main() -> None:
 
     lengths = chimed_like_lengths(20_000)
     per_worker, workers = 16, 8
-    pads = {g: padding_fraction(lengths, plan_batches(lengths, per_worker * workers, 0, g), per_worker)
-            for g in (True, False)}
+    plan = FeedPlan(("corpus",), (len(lengths),), workers, per_worker, 0, 1, True)
+    pads = {g: padding_fraction(lengths, plan_rows(dataclasses.replace(plan, group_by_length=g), 0, lengths),
+                                per_worker) for g in (True, False)}
 
     print(f"\n(1) step time, 2 workers, median after {WARMUP} warm-up steps; target Ray / torchrun <=1.05 "
           "at batch 128 (stage 1 ZeRO-2, stage 2 ZeRO-3)")

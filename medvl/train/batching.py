@@ -1,9 +1,6 @@
-"""Batches: the plan (which rows each worker sees at each step, fixed before training
-starts) and the collate step that turns a micro batch of rows into tensors.
+"""Micro batches: the collate step that turns rows into tensors, and the padding it costs.
 
-A plan is deterministic (seeded), so a resumed run continues at exactly the same sample:
-the step counter alone is the data position. Samples of similar length share a batch
-(LLaVA's length grouping), which keeps padding low; the order of batches is shuffled.
+Which rows form each batch is the feed's plan (``feed.py``).
 """
 
 from __future__ import annotations
@@ -15,33 +12,11 @@ from medvl.data.images import normalize
 from medvl.data.tokenize import IGNORE
 
 
-def plan_batches(lengths: np.ndarray, global_batch: int, seed: int, group_by_length: bool,
-                 epochs: int = 1) -> np.ndarray:
-    """Row indices shaped ``(steps, global_batch)``.
-
-    Rows are padded by wrapping around (as torch's DistributedSampler does) so that every
-    worker runs the same number of steps; no row is dropped.
-    """
-    rng = np.random.default_rng(seed)
-    plans = []
-    for _ in range(epochs):
-        order = rng.permutation(len(lengths))
-        pad = (-len(order)) % global_batch
-        order = np.concatenate([order, order[:pad]])
-        if group_by_length:
-            # Megabatches of 32 batches, sorted by length inside, as in LLaVA's sampler.
-            mega = global_batch * 32
-            chunks = [order[i:i + mega] for i in range(0, len(order), mega)]
-            order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
-        batches = order.reshape(-1, global_batch)
-        plans.append(batches[rng.permutation(len(batches))])
-    return np.concatenate(plans)
-
-
-def padding_fraction(lengths: np.ndarray, plan: np.ndarray, per_worker: int) -> float:
-    """Share of padded positions when each worker pads its micro batch to its longest row."""
-    micro = lengths[plan.reshape(-1, per_worker)]
-    return float(1.0 - micro.sum() / (micro.max(axis=1) * per_worker).sum())
+def padding_fraction(lengths: np.ndarray, rows: np.ndarray, micro: int) -> float:
+    """Share of padded positions when rows, in feed order, form micro batches of ``micro``
+    rows each padded to its longest row."""
+    batches = lengths[rows[: len(rows) // micro * micro].reshape(-1, micro)]
+    return float(1.0 - batches.sum() / (batches.max(axis=1) * micro).sum())
 
 
 def collate(batch: dict, pad_id: int, image_size: int) -> dict[str, torch.Tensor]:

@@ -84,6 +84,14 @@ class FeedPlan:
         return steps[rng.permutation(len(steps))].ravel()
 
 
+def plan_rows(plan: FeedPlan, rank: int, lengths: np.ndarray) -> np.ndarray:
+    """A rank's global row ids in the order its feed yields them, given every row's length
+    (for checks and baselines that hold the whole corpus; the feed itself reads per window)."""
+    rows, span = plan.rank_rows(rank), WINDOW_STEPS * plan.share
+    windows = np.split(rows, range(span, len(rows), span))
+    return np.concatenate([w[plan.window_order(rank, i, lengths[w])] for i, w in enumerate(windows)])
+
+
 def locate(plan: FeedPlan, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """Global row ids -> ``(shard, local row ids)`` runs, in the given order."""
     starts = np.concatenate([[0], np.cumsum(plan.shard_rows)])
