@@ -1,16 +1,17 @@
 """``medvl preprocess``: LLaVA-format records + images -> Parquet shards, on Ray Data.
 
-read records -> validate -> tokenize (cheap, first) -> decode/fit image -> write. Each
-write task sends its kept rows to one Parquet shard and its rejected rows, with reasons,
+read records (byte ranges of JSONL, ``sources.py``) -> validate -> tokenize (cheap, first)
+-> fetch images (concurrently) -> decode/fit -> write, 64 records at a time. Each task
+streams its kept rows into one Parquet shard and sends its rejected rows, with reasons,
 back to the driver, which writes ``rejects.jsonl`` and ``manifest.json``. Every input
 record ends in exactly one of the two: ``records_in == records_kept + records_rejected``.
+Neither the driver nor a task holds more than one chunk of records at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,9 +21,12 @@ import ray
 
 from medvl import config, storage
 from medvl.data import images, records, templates
-from medvl.data.tokenize import IGNORE, count_tokens, encode_segments
-from medvl.data.writer import ROW_SCHEMA, ShardSink
+from medvl.data.sources import open_records, read_records
+from medvl.data.tokenize import IGNORE, Tokenized, encode_segments
+from medvl.data.writer import ROW_GROUP_ROWS, ROW_SCHEMA, ShardSink
 from medvl.tokenizer import load as load_tokenizer
+
+FETCH_THREADS = 16  # concurrent image reads per task
 
 
 @dataclass
@@ -39,6 +43,8 @@ class PreprocessConfig:
     overflow: Literal["reject", "truncate"] = field(default="reject", metadata={"help": "over-long samples: reject, or truncate keeping >=1 answer token"})
     max_pixels: int = field(default=50_000_000, metadata={"help": "pixel-bomb guard: larger images are rejected"})
     shard_records: int = field(default=1024, metadata={"help": "records per Parquet shard (upper bound)"})
+    task_memory_mb: int = field(default=1500, metadata={
+        "help": "host memory one preprocess task declares to Ray (benchmarks/scale.py measures the peak)"})
 
 
 def _fit_length(ids: list[int], labels: list[int], cfg: PreprocessConfig) -> tuple[list[int], list[int]]:
@@ -53,34 +59,60 @@ def _fit_length(ids: list[int], labels: list[int], cfg: PreprocessConfig) -> tup
     raise records.Reject("too_long", detail)
 
 
-def process_one(line_no: int, text: str, cfg: PreprocessConfig) -> dict[str, Any]:
-    """One raw record -> a kept row or a rejected row (never an exception)."""
+@dataclass
+class Prepared:
+    """A record that passed every check but the image: tokens done, image still to fetch."""
+
+    id: str
+    line: int
+    image: str  # as the record names it
+    uri: str
+    tokens: Tokenized
+
+
+def prepare(line_no: int, text: str, cfg: PreprocessConfig) -> Prepared | dict[str, Any]:
+    """Parse, validate and tokenize (cheap, first): a ``Prepared`` or a rejected row."""
     rec_id = f"line-{line_no}"
     try:
         raw = records.parse(text)
         rec_id = records.record_id(raw) or rec_id
         rec = records.validate(raw)
         tok = load_tokenizer(cfg.tokenizer)
-        template = templates.get(cfg.template)
-        enc = encode_segments(templates.render(rec.turns, template), tok, cfg.num_image_tokens)
-        ids, labels = _fit_length(enc.input_ids, enc.labels, cfg)
-        uri = records.image_uri(cfg.image_root, rec.image)
-        try:
-            data = storage.read_bytes(uri)
-        except (FileNotFoundError, OSError) as e:
-            raise records.Reject("missing_image", f"{rec.image}: {e}") from e
-        spec = images.ImageSpec(cfg.image_size, cfg.aspect, cfg.max_pixels)
-        pixels = images.load_image(data, rec.image, spec)
+        enc = encode_segments(templates.render(rec.turns, templates.get(cfg.template)), tok,
+                              cfg.num_image_tokens)
+        enc.input_ids, enc.labels = _fit_length(enc.input_ids, enc.labels, cfg)
+        return Prepared(rec_id, line_no, rec.image, records.image_uri(cfg.image_root, rec.image), enc)
     except records.Reject as r:
         return _row(rec_id, line_no, reason=r.reason, detail=r.detail)
+
+
+def fetch(uri: str) -> bytes | OSError:
+    """An image's bytes, or the error (a reject, not a crash)."""
+    try:
+        return storage.read_bytes(uri)
+    except OSError as e:  # FileNotFoundError included
+        return e
+
+
+def finish(p: Prepared | dict[str, Any], data: bytes | OSError | None, cfg: PreprocessConfig) -> dict[str, Any]:
+    """Decode and fit the image: the kept row, or a rejected one."""
+    if not isinstance(p, Prepared):
+        return p
+    if isinstance(data, OSError):
+        return _row(p.id, p.line, reason="missing_image", detail=f"{p.image}: {data}")
+    try:
+        pixels = images.load_image(data, p.image, images.ImageSpec(cfg.image_size, cfg.aspect, cfg.max_pixels))
     except images.ImageError as e:
-        return _row(rec_id, line_no, reason=e.reason, detail=f"{rec.image}: {e.detail}")
-    questions = [q.replace(templates.IMAGE, "").strip() for q, _ in rec.turns]
-    return _row(
-        rec_id, line_no, input_ids=ids, labels=labels, pixels=pixels.tobytes(),
-        question_tokens=[count_tokens(q, tok) for q in questions],
-        answer_tokens=[count_tokens(a, tok) for _, a in rec.turns],
-    )
+        return _row(p.id, p.line, reason=e.reason, detail=f"{p.image}: {e.detail}")
+    t = p.tokens
+    return _row(p.id, p.line, input_ids=t.input_ids, labels=t.labels, pixels=pixels.tobytes(),
+                question_tokens=t.question_tokens, answer_tokens=t.answer_tokens)
+
+
+def process_one(line_no: int, text: str, cfg: PreprocessConfig) -> dict[str, Any]:
+    """One raw record -> a kept row or a rejected row (never an exception)."""
+    p = prepare(line_no, text, cfg)
+    return finish(p, fetch(p.uri) if isinstance(p, Prepared) else None, cfg)
 
 
 def _row(rec_id: str, line_no: int, reason: str = "", detail: str = "", input_ids=(), labels=(),
@@ -94,22 +126,16 @@ def _row(rec_id: str, line_no: int, reason: str = "", detail: str = "", input_id
 
 
 def process_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> pa.Table:
-    rows = [process_one(int(n), str(t), cfg) for n, t in zip(batch["line"], batch["text"], strict=True)]
+    """A small batch (one row group) of records; its images are fetched concurrently (S3
+    latency, not bandwidth, bounds a one-at-a-time fetch)."""
+    prepared = [prepare(int(n), str(t), cfg) for n, t in zip(batch["line"], batch["text"], strict=True)]
+    uris = [p.uri for p in prepared if isinstance(p, Prepared)]
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        fetched = dict(zip(uris, pool.map(fetch, uris), strict=True))
+    rows = [finish(p, fetched[p.uri] if isinstance(p, Prepared) else None, cfg) for p in prepared]
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
-
-
-def read_raw_records(uri: str) -> list[dict[str, Any]]:
-    """Records as ``{line, text}``: JSONL line by line (a bad line is one reject), or a JSON array."""
-    text = storage.read_text(uri)
-    if uri.endswith(".jsonl") or not text.lstrip().startswith("["):
-        return [{"line": i + 1, "text": t} for i, t in enumerate(text.splitlines()) if t.strip()]
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{uri}: not a valid JSON array ({e}); use .jsonl to isolate bad records") from e
-    return [{"line": i + 1, "text": json.dumps(item, ensure_ascii=False)} for i, item in enumerate(items)]
 
 
 def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
@@ -123,13 +149,11 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
         ray.init()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic shards
-    raw = read_raw_records(cfg.data)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    blocks = max(1, min(len(raw), max(2 * cpus, math.ceil(len(raw) / cfg.shard_records))))
+    raw = open_records(cfg.data, cfg.output, cfg.shard_records)  # a streaming pass, no records held
     storage.delete_dir(storage.join(cfg.output, "shards"))
-    sink = ShardSink(cfg.output, records_in=len(raw), run_config=config.to_dict(cfg),
+    sink = ShardSink(cfg.output, records_in=raw.records, run_config=config.to_dict(cfg),
                      plain=cfg.template == "plain")
-    ds = ray.data.from_items(raw, override_num_blocks=blocks)
-    ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=None)
+    ds = read_records(raw).map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy",
+                                       batch_size=ROW_GROUP_ROWS, memory=cfg.task_memory_mb * 2**20)
     ds.write_datasink(sink)
     return sink.manifest

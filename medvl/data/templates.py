@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 IMAGE = "<image>"
 
-# Segment kinds.
-PROMPT, ANSWER, END, IMAGE_SLOT = "prompt", "answer", "end", "image"
+# Segment kinds. A question is prompt text too (never trained); its own kind lets the
+# token statistics count it from the same tokenisation.
+PROMPT, QUESTION, ANSWER, END, IMAGE_SLOT = "prompt", "question", "answer", "end", "image"
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def _question_segments(text: str, template: Template) -> list[tuple[str, str]]:
             segs.append((IMAGE_SLOT, ""))
             part = part.removeprefix("\n")
         if template.keep_question and part:
-            segs.append((PROMPT, part))
+            segs.append((QUESTION, part))
     return segs
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
@@ -16,6 +16,8 @@ IGNORE = -100
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
+    question_tokens: list[int] = field(default_factory=list)  # per answered turn
+    answer_tokens: list[int] = field(default_factory=list)
 
 
 def encode_segments(
@@ -27,7 +29,8 @@ def encode_segments(
     ``LlavaForConditionalGeneration`` expects expanded prompts.
     """
     ids: list[int] = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    labels: list[int] = [IGNORE] * len(ids)
+    out = Tokenized(ids, [IGNORE] * len(ids))
+    question = 0
     for kind, text in segs:
         if kind == templates.IMAGE_SLOT:
             piece = [image_token_id(tok)] * num_image_tokens
@@ -37,9 +40,11 @@ def encode_segments(
             piece = tok(text, add_special_tokens=False)["input_ids"]
         ids += piece
         trained = kind in (templates.ANSWER, templates.END)
-        labels += piece if trained else [IGNORE] * len(piece)
-    return Tokenized(ids, labels)
-
-
-def count_tokens(text: str, tok: PreTrainedTokenizerBase) -> int:
-    return len(tok(text, add_special_tokens=False)["input_ids"])
+        out.labels += piece if trained else [IGNORE] * len(piece)
+        if kind == templates.QUESTION:
+            question += len(piece)
+        elif kind == templates.ANSWER:
+            out.question_tokens.append(question)
+            out.answer_tokens.append(len(piece))
+            question = 0
+    return out
