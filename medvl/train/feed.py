@@ -125,12 +125,22 @@ class CountingFile(io.RawIOBase):
         return len(data)
 
 
+def read_footer(f: io.RawIOBase) -> pq.FileMetaData:
+    """The Parquet footer, reading exactly its bytes (pyarrow's own first read takes the
+    last 64 KB: more than a small shard's row group)."""
+    f.seek(-8, io.SEEK_END)
+    tail = f.read(8)
+    size = int.from_bytes(tail[:4], "little")
+    f.seek(-8 - size, io.SEEK_END)
+    return pq.read_metadata(pa.BufferReader(b"PAR1" + f.read(size) + tail))
+
+
 def read_rows(uri: str, local: np.ndarray, columns: list[str]) -> tuple[pa.Table, int]:
     """Rows ``local`` of one shard, in that order, reading only the row groups holding them."""
     fs, path = storage.resolve(uri)
     with fs.open_input_file(path) as raw:
         f = CountingFile(raw)
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, metadata=read_footer(f))
         sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         group = np.searchsorted(bounds, local, side="right") - 1

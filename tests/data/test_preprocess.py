@@ -185,3 +185,56 @@ def test_manifest_token_statistics(demo_dir, tmp_path):
     assert m["records_rejected"] == 0
     cap = m["tokens"]["caption"]
     assert cap["count"] == m["records_kept"] and cap["q1"] <= cap["median"] <= cap["q3"]
+
+
+DRIVER = """
+import json, os, sys, threading, time
+import psutil, ray
+from medvl.data.preprocess import PreprocessConfig, preprocess
+
+cfg, limit = PreprocessConfig(**json.loads(sys.argv[1])), int(sys.argv[2])
+ray.init(address=sys.argv[3], log_to_driver=False)
+me = psutil.Process()
+base = peak = me.memory_info().rss
+
+
+def watch():  # the memory limit: the driver dies past base + limit
+    global peak
+    while True:
+        peak = max(peak, me.memory_info().rss)
+        if peak - base > limit:
+            print(json.dumps({"killed_at": peak - base}), flush=True)
+            os._exit(3)
+        time.sleep(0.005)
+
+
+threading.Thread(target=watch, daemon=True).start()
+m = preprocess(cfg)
+print(json.dumps({"growth": peak - base, "in": m["records_in"], "kept": m["records_kept"],
+                  "rejected": m["rejects_by_reason"]}), flush=True)
+"""
+
+
+def test_a_json_array_bigger_than_the_driver_may_hold_streams_through(demo_dir, tmp_path):
+    """A 120 MB JSON array through a driver allowed to grow by 100 MB: holding the parsed
+    array (the old driver) costs several times the file; the streaming pass one record."""
+    import subprocess
+    import sys
+
+    import ray
+
+    good = [json.loads(x) for x in (demo_dir / "instruction_train.jsonl").read_text().splitlines()][:20]
+    essay = "影像学检查提示双肺纹理增多。" * 700  # ~29 KB of UTF-8 per record
+    bad = [{"id": f"long-{i}", "image": "x.png",  # no <image> in the question: a cheap reject
+            "conversations": [{"from": "human", "value": "描述"}, {"from": "gpt", "value": essay}]}
+           for i in range(4100)]
+    with open(tmp_path / "big.json", "w") as f:
+        json.dump(good + bad, f, ensure_ascii=False)
+    assert (tmp_path / "big.json").stat().st_size > 120e6
+    cfg = _cfg(demo_dir, tmp_path / "big.json", tmp_path / "o")
+    out = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cfg.__dict__), str(100 << 20),
+                          ray.get_runtime_context().gcs_address], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["in"] == 4120 and report["kept"] == 20 and report["rejected"] == {"no_image_token": 4100}
+    assert report["growth"] < 100 << 20

@@ -62,6 +62,23 @@ def test_stage1_trains_only_the_projector(stage1, demo_dir):
                            after["model.multi_modal_projector.linear_1.weight"])
 
 
+def _feed(output: str, rank: int) -> dict:
+    import json
+
+    return json.loads(storage.read_text(storage.join(output, "feed", f"rank{rank}.json")))
+
+
+def test_each_rank_reads_only_its_share_of_the_shards(stage1, demo_shards):
+    """Two ranks, three epochs: each rank's byte counter holds about half of what the
+    epochs span, not all of it (every rank read every shard before the per-rank feed)."""
+    out = os.path.dirname(stage1["hf"])
+    corpus = _dir_bytes(str(demo_shards / "al" / "shards")) * 3  # epochs=3
+    feeds = [_feed(out, r) for r in range(2)]
+    assert all(f["start_step"] == 0 and f["rows"] == stage1["steps"] * 4 for f in feeds)
+    for f in feeds:
+        assert 0.3 * corpus < f["read_bytes"] < 0.7 * corpus, (f, corpus)
+
+
 def test_stage2_starts_from_stage1_and_exports_a_working_model(stage1, stage2):
     # The projector stage 2 started from is stage 1's final projector, bit for bit (ZeRO-3).
     assert stage2["init_projector_sha256"] == projector_sha(load_hf(stage1["hf"]))
@@ -127,6 +144,9 @@ def test_killed_worker_run_finishes_like_an_uninterrupted_one(stage1, demo_shard
     assert s["resumed_from"], "no worker was restored: the kill did not land mid-run"
     assert s["steps"] == stage1["steps"]
     assert s["last_loss"] == pytest.approx(stage1["last_loss"], rel=1e-4)
+    # The restored workers started reading at the checkpoint's data position.
+    assert {_feed(out, r)["start_step"] for r in range(2)} == {s["resumed_from"][-1]}
+    assert _feed(out, 0)["read_bytes"] < _feed(os.path.dirname(stage1["hf"]), 0)["read_bytes"]
 
 
 def test_zero3_run_with_a_killed_worker_finishes_like_an_uninterrupted_one(stage1, stage2, demo_shards, tmp_path):
