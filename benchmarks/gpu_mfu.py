@@ -44,7 +44,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGener
 from medvl.data.tokenize import IGNORE
 from medvl.model.build import llava_config
 from medvl.tokenizer import image_token_id
-from medvl.train.batching import collate
+from medvl.train.batching import collate, model_inputs
 from medvl.train.config import TrainConfig
 from medvl.train.optim import trainable_groups
 from medvl.train.zero import deepspeed_config, initialize
@@ -151,8 +151,7 @@ def time_run(run: Run, tok, steps: int, smoke: bool, device: torch.device) -> di
     for _ in range(steps):
         sync()
         t0 = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) for k, v in collate(rows, tok.pad_token_id,
-                                                                        vision.image_size).items()}
+        batch = model_inputs(collate(rows, tok.pad_token_id, vision.image_size), device)
         if engine is not None:
             engine.backward(engine(**batch).loss)
             engine.step()

@@ -28,7 +28,7 @@ from PIL import Image
 
 from medvl.data import images
 from medvl.data.demo import GROUPS, find_dicom_files, train_tokenizer
-from medvl.data.preprocess import PreprocessConfig, preprocess, process_one, read_raw_records
+from medvl.data.preprocess import PreprocessConfig, preprocess, process_one
 
 
 def make_corpus(root: Path, n: int, seed: int = 0) -> Path:
@@ -69,10 +69,11 @@ def _texture(w: int, h: int, seed: int) -> np.ndarray:
 
 def plain_loop(cfg: PreprocessConfig) -> float:
     """The same work in one process: per-record function, then one Parquet file."""
-    from medvl.data.preprocess import ROW_SCHEMA
+    from medvl.data.writer import ROW_SCHEMA
 
     t0 = time.perf_counter()
-    rows = [process_one(r["line"], r["text"], cfg) for r in read_raw_records(cfg.data)]
+    with open(cfg.data) as f:  # JSONL
+        rows = [process_one(n, line, cfg) for n, line in enumerate(f, 1) if line.strip()]
     os.makedirs(cfg.output, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), f"{cfg.output}/all.parquet")
     return time.perf_counter() - t0

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from medvl.train.batching import collate
+from medvl.train.batching import collate, model_inputs
 from medvl.train.config import TrainConfig
 from medvl.train.feed import plan_rows
 from medvl.train.model import build_model
@@ -75,7 +75,7 @@ def main() -> None:
     for _ in range(plan.steps):
         t0 = time.perf_counter()
         for _ in range(cfg.grad_accum):
-            loss = engine(**next(micro)).loss
+            loss = engine(**model_inputs(next(micro), "cpu")).loss
             engine.backward(loss)
             engine.step()
             loss.item()  # the Ray loop logs every step's loss too

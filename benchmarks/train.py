@@ -38,7 +38,7 @@ from medvl.data.demo import build_demo_data
 from medvl.data.preprocess import PreprocessConfig, preprocess
 from medvl.model.build import build_tiny
 from medvl.tokenizer import load as load_tokenizer
-from medvl.train.batching import collate, padding_fraction
+from medvl.train.batching import collate, model_inputs, padding_fraction
 from medvl.train.config import TrainConfig
 from medvl.train.feed import FeedPlan, plan_rows
 from medvl.train.optim import trainable_groups
@@ -70,8 +70,8 @@ def bare_loop(cfg: TrainConfig, steps: int) -> float:
     times = []
     for batch_rows in np.concatenate(ranks, axis=1):  # step s: every rank's rows of step s
         t0 = time.perf_counter()  # like the Ray loop's step time: batch assembly included
-        batch = collate({k: [rows[k][i] for i in batch_rows] for k in ("input_ids", "labels", "pixels")},
-                        tok.pad_token_id, 32)
+        batch = model_inputs(collate({k: [rows[k][i] for i in batch_rows] for k in ("input_ids", "labels", "pixels")},
+                                     tok.pad_token_id, 32), "cpu")
         torch_step(model, opt, batch)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[WARMUP:])
@@ -109,7 +109,8 @@ def engine_overhead(cfg: TrainConfig, steps: int) -> tuple[float, float]:
     rows = pq.read_table(f"{cfg.data}/shards", columns=["input_ids", "labels", "pixels"]).to_pydict()
     n, total = cfg.batch_size, len(rows["input_ids"])
     starts = [(i * n) % (total - n) for i in range(steps)]
-    batches = [collate({k: v[s:s + n] for k, v in rows.items()}, tok.pad_token_id, 32) for s in starts]
+    batches = [model_inputs(collate({k: v[s:s + n] for k, v in rows.items()}, tok.pad_token_id, 32), "cpu")
+               for s in starts]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     medians = []

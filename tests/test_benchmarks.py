@@ -10,7 +10,7 @@ from transformers import LlavaForConditionalGeneration
 
 from benchmarks import gpu_mfu
 from medvl.model.build import llava_config
-from medvl.train.batching import collate
+from medvl.train.batching import collate, model_inputs
 from medvl.train.config import TrainConfig
 from medvl.train.optim import trainable_groups
 
@@ -30,6 +30,6 @@ def test_model_flops_formula_matches_counted_flops(stage):
     rows = gpu_mfu.random_rows(tok, model.config.image_seq_length, vision.image_size, run,
                                np.random.default_rng(0))
     with FlopCounterMode(display=False) as counter:
-        model(**collate(rows, tok.pad_token_id, vision.image_size)).loss.backward()
+        model(**model_inputs(collate(rows, tok.pad_token_id, vision.image_size), "cpu")).loss.backward()
     counted = counter.get_total_flops()
     assert gpu_mfu.model_flops(model, run) == pytest.approx(counted, rel=1e-3)  # attention alone is 1.6%

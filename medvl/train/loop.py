@@ -21,6 +21,7 @@ import ray.train
 import torch
 
 from medvl import storage
+from medvl.train.batching import model_inputs
 from medvl.train.config import TrainConfig
 from medvl.train.export import export_hf
 from medvl.train.feed import FeedCollate, FeedPlan, rank_feed
@@ -100,6 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
             if order[0].item() != expect:  # the plan is the data position: never drift
                 raise RuntimeError(f"rank {rank}: batch starts at plan row {order[0].item()}, expected {expect}")
             feed["read_bytes"] += batch.pop("read_bytes").item()
+            batch = model_inputs(batch, engine.device)
             tokens += batch["attention_mask"].sum().item()
             padded += batch["attention_mask"].numel()
             loss = engine(**batch).loss

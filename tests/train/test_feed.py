@@ -4,7 +4,6 @@ feed itself against the plan on real shards (rows, order, bytes read)."""
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from medvl.train.batching import padding_fraction
 from medvl.train.feed import WINDOW_STEPS, FeedPlan, plan_rows, read_window
@@ -56,12 +55,6 @@ def test_length_grouping_cuts_padding():
     grouped = padding_fraction(lengths, plan_rows(_plan([4096], share=8), 0, lengths), 8)
     random = padding_fraction(lengths, plan_rows(_plan([4096], share=8, group=False), 0, lengths), 8)
     assert grouped < random / 3
-
-
-def test_padding_fraction_by_hand():
-    lengths = np.array([4, 2, 3, 3])
-    # micro batches [4, 2] and [3, 3]: padded to 4 and 3 -> 14 slots, 12 real tokens
-    assert padding_fraction(lengths, np.array([0, 1, 2, 3]), 2) == pytest.approx(2 / 14)
 
 
 def test_max_steps_truncates_the_stream():
