@@ -1,7 +1,7 @@
 """Data at ChiMed-VL size, rehearsed at N and 10·N records: one run, printed as a table.
 
-Synthetic corpora (Chinese captions, LLaVA ``plain`` records) point at a small pool of real
-images (the demo's clinical DICOMs, written once as full-size JPEGs, as PMC figures
+Synthetic corpora (Chinese captions, LLaVA ``plain`` records) point at a pool of 256 real
+images (random crops of the demo's clinical images, written once as JPEGs, as PMC figures
 arrive); preprocessing runs at 336 px with 576 image tokens, the 13B recipe's stage 1.
 
 Measured:
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -41,22 +42,26 @@ SHARE, WORLD = 32, 2
 CAPTION = "胸部X线片显示右下肺野片状阴影，考虑肺炎，建议结合临床。肝右叶见低密度结节，边界清楚。"
 
 
-def make_pool(demo: Path, dest: Path) -> list[str]:
-    """The demo's real images as JPEG-95 files at their own size: the records' image pool."""
+def make_pool(demo: Path, dest: Path, size: int = 256) -> list[str]:
+    """``size`` distinct images (random crops of the demo's real clinical images, JPEG-90 at
+    their own resolution, as PMC figures arrive): every record's pixels differ, as in ChiMed-VL."""
 
     from medvl.data.images import decode
 
-    dest.mkdir(parents=True, exist_ok=True)
-    names = []
+    base = []
     for src in sorted((demo / "images").rglob("*")):
-        if src.is_file() and len(names) < 24:
-            try:
-                img = decode(src.read_bytes(), src.name, 50_000_000)
-            except Exception:  # noqa: BLE001 - a file the demo keeps as a reject case
-                continue
-            names.append(f"{len(names):02d}.jpg")
-            img.convert("RGB").save(dest / names[-1], quality=95)
-    return names
+        with contextlib.suppress(Exception):  # a file the demo keeps as a reject case
+            base.append(decode(src.read_bytes(), src.name, 50_000_000).convert("RGB"))
+    dest.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for i in range(size):
+        img = rng.choice(base)
+        w, h = img.size
+        s = rng.uniform(0.5, 1.0)
+        cw, ch = int(w * s), int(h * s)
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        img.crop((x, y, x + cw, y + ch)).save(dest / f"{i:03d}.jpg", quality=90)
+    return sorted(os.listdir(dest))
 
 
 def make_records(path: Path, n: int, pool: list[str], seed: int = 0) -> None:
@@ -127,6 +132,13 @@ def pixel_formats(data: Path) -> dict:
     return out
 
 
+def warm() -> None:
+    """Start Ray Data's task workers, so first-batch times are the feed's, not process start-up."""
+    import ray
+
+    ray.data.range(64, override_num_blocks=4).map_batches(lambda b: b).materialize()
+
+
 def feed_probe(data: str, tokenizer: str) -> dict:
     """(In a process pinned to one core.) Rank 0's feed: first batch, resume, bytes, rate."""
     import ray
@@ -149,8 +161,10 @@ def feed_probe(data: str, tokenizer: str) -> dict:
         batch = next(it)
         return time.perf_counter() - t0, batch, it
 
-    first(0)  # Ray Data's workers start once per process: warm them, then time
-    resume_s = first(plan.steps - 1)[0]
+    warm()
+    resume_s, _, it = first(plan.steps - 1)
+    del it  # its executor lets go of the one CPU
+    gc.collect()
     first_s, batch, it = first(0)
     read, rows, times = int(batch["read_bytes"]), SHARE, []
     for batch in it:
@@ -174,6 +188,7 @@ def old_feed_probe(data: str) -> dict:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    warm()
     t0 = time.perf_counter()
     datasets, _ = rank_datasets(TrainConfig(data=data, num_workers=WORLD, batch_size=SHARE))
     next(iter(datasets["rank0"].iter_batches(batch_size=SHARE)))
@@ -205,12 +220,15 @@ def driver_probe(path: str, output: str, before: bool) -> dict:
     return {"growth": max(peak, me.memory_info().rss) - base}
 
 
-def probe(kind: str, *args: str, code: str = "", cores: str = "") -> dict:
+def probe(kind: str, *args: str, code: str = "", cores: str = "", timeout: int = 1800) -> dict:
     env = {**os.environ, "PYTHONPATH": code or str(ROOT)}
     script = str(ROOT / "benchmarks" / "scale.py")
     cmd = (["taskset", "-c", cores] if cores else []) + [sys.executable, script, "--probe", kind, *args]
     # Ray puts the driver's working directory first on its workers' path: run in the checkout.
-    out = subprocess.run(cmd, env=env, cwd=code or ROOT, capture_output=True, text=True, timeout=1800)
+    try:
+        out = subprocess.run(cmd, env=env, cwd=code or ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout} s"}
     if out.returncode:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -219,7 +237,7 @@ def probe(kind: str, *args: str, code: str = "", cores: str = "") -> dict:
 def text_corpus(work: Path, n: int) -> tuple[Path, Path]:
     jsonl, arr = work / "text580k.jsonl", work / "text580k.json"
     if not jsonl.exists():
-        make_records(jsonl, n, [f"{i:02d}.jpg" for i in range(24)])
+        make_records(jsonl, n, [f"{i:03d}.jpg" for i in range(256)])
         with open(jsonl) as src, open(arr, "w") as dst:
             dst.write("[" + ",\n".join(line.rstrip("\n") for line in src) + "]")
     return jsonl, arr
@@ -250,7 +268,7 @@ def run(args: argparse.Namespace) -> None:
     drivers = [probe("driver", str(p), str(work / "converted"), "") for p in (jsonl, arr)]
     old_feed = old_drivers = None
     if args.before:
-        old_feed = [probe("oldfeed", str(work / f"s{k}"), code=args.before) for k in (n, 10 * n)]
+        old_feed = [probe("oldfeed", str(work / f"s{k}"), code=args.before, timeout=900) for k in (n, 10 * n)]
         old_drivers = [probe("driver", str(p), "", "before", code=args.before) for p in (jsonl, arr)]
     table(n, pre, formats, feed, drivers, old_feed, old_drivers)
 

@@ -31,6 +31,11 @@ SHARD_SCHEMA = pa.schema([ROW_SCHEMA.field(c) for c in SHARD_COLUMNS])
 # The feed reads whole row groups: small ones keep a rank's reads close to its own rows
 # and a preprocess task's memory to one row group.
 ROW_GROUP_ROWS = 64
+# Pixels stay raw uint8 (exactly LLaVA's, no decode in the feed), zstd-compressed: 97 KB
+# per 336-px image against 116 KB snappy, 55 KB PNG (decodes at 380/s per core: slower than
+# a feed must be) and 22 KB JPEG-95 (lossy); zstd also reads 3x faster than snappy here.
+# No dictionaries: distinct 338 KB images gain nothing and a page of them costs memory.
+SHARD_ENCODING = {"compression": "zstd", "use_dictionary": False}
 
 
 class ShardSink(Datasink):
@@ -59,7 +64,7 @@ class ShardSink(Datasink):
                     continue
                 if writer is None:
                     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-                    writer = pq.ParquetWriter(path, SHARD_SCHEMA, filesystem=fs)
+                    writer = pq.ParquetWriter(path, SHARD_SCHEMA, filesystem=fs, **SHARD_ENCODING)
                 writer.write_table(kept.select(SHARD_COLUMNS).cast(SHARD_SCHEMA), row_group_size=ROW_GROUP_ROWS)
                 out["kept"] += kept.num_rows
                 out["question_tokens"] += pc.list_flatten(kept["question_tokens"]).to_pylist()

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from ray.data.block import BlockMetadata
+from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import Datasource, ReadTask
 
 from medvl import storage
@@ -145,7 +146,7 @@ def read_rows(uri: str, local: np.ndarray, columns: list[str]) -> tuple[pa.Table
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         group = np.searchsorted(bounds, local, side="right") - 1
         chosen = np.unique(group)
-        table = pf.read_row_groups(chosen.tolist(), columns=columns)
+        table = pf.read_row_groups(chosen.tolist(), columns=columns).combine_chunks()  # take is slow on chunks
     base = np.concatenate([[0], np.cumsum(np.asarray(sizes)[chosen])])
     return table.take(base[np.searchsorted(chosen, group)] + local - bounds[group]), f.bytes_read
 
@@ -160,7 +161,7 @@ def read_window(plan: FeedPlan, rank: int, window: int, rows: np.ndarray, first:
         table, n = read_rows(plan.shards[shard], local, FEED_COLUMNS)
         parts.append(table)
         read += n
-    table = pa.concat_tables(parts)
+    table = pa.concat_tables(parts).combine_chunks()
     table = table.take(plan.window_order(rank, window, table["length"].to_numpy()))
     table = table.append_column("order", pa.array(np.arange(first, first + len(rows)), pa.int64()))
     counter = np.zeros(len(rows), np.int64)
@@ -180,13 +181,18 @@ class FeedSource(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
+    def windows(self) -> range:
+        """The windows from the one holding step ``start`` to the last."""
+        span = WINDOW_STEPS * self.plan.share
+        return range(self.start * self.plan.share // span, -(-len(self.rows) // span))
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         plan, rank = self.plan, self.rank  # the tasks capture these, not the whole stream
         span = WINDOW_STEPS * plan.share
         skip_to = self.start * plan.share
         tasks = []
-        for window in range(skip_to // span, -(-len(self.rows) // span)):
+        for window in self.windows():
             first = window * span
             rows = self.rows[first:first + span]
             skip = max(0, skip_to - first)
@@ -201,18 +207,20 @@ class FeedSource(Datasource):
 def rank_feed(plan: FeedPlan, rank: int, start: int) -> ray.data.Dataset:
     """This rank's rows from step ``start`` on, in plan order (a Ray Dataset, streamed)."""
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return ray.data.read_datasource(FeedSource(plan, rank, start))
+    source = FeedSource(plan, rank, start)
+    # One block per window: left alone, Ray splits a few big read tasks into 1-row blocks
+    # (200 of them per task), and the feed ran at 110 rows/s instead of 800.
+    return ray.data.read_datasource(source, override_num_blocks=len(source.windows()))
 
 
-@dataclass(frozen=True)
-class FeedCollate:
-    """Rows -> model tensors in Ray Data's prefetch threads; ``order`` and ``read_bytes`` ride along."""
+class FeedCollate(NumpyBatchCollateFn):
+    """Rows -> tensors in Ray Data's prefetch threads; ``order`` and ``read_bytes`` ride along."""
 
-    pad_id: int
-    image_size: int
+    def __init__(self, pad_id: int, image_size: int):
+        self.pad_id, self.image_size = pad_id, image_size
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         batch = collate(rows, self.pad_id, self.image_size)
-        batch["order"] = torch.from_numpy(rows["order"])
+        batch["order"] = torch.tensor(rows["order"])
         batch["read_bytes"] = torch.tensor(int(rows["read_bytes"].sum()))
         return batch
