@@ -30,6 +30,7 @@ import torch
 from ray.data.block import BlockMetadata
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import Datasource, ReadTask
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from medvl import storage
 from medvl.train.batching import collate
@@ -67,13 +68,15 @@ class FeedPlan:
         return min(total, self.max_steps) if self.max_steps else total
 
     def rank_rows(self, rank: int) -> np.ndarray:
-        """This rank's global row ids, epoch after epoch, before windows reorder them."""
+        """This rank's global row ids, epoch after epoch, before windows reorder them; all
+        epochs even with ``max_steps`` (which only stops the reading early), so a short run
+        trains on the same batches as the first steps of a long one."""
         parts = []
         for epoch in range(self.epochs):
             rows = self.epoch_rows(epoch)
             n = len(rows) // self.world
             parts.append(rows[rank * n:(rank + 1) * n])
-        return np.concatenate(parts)[: self.steps * self.share]
+        return np.concatenate(parts)
 
     def window_order(self, rank: int, window: int, lengths: np.ndarray) -> np.ndarray:
         """Positions (into the window's rows as read) in plan order."""
@@ -90,7 +93,8 @@ def plan_rows(plan: FeedPlan, rank: int, lengths: np.ndarray) -> np.ndarray:
     (for checks and baselines that hold the whole corpus; the feed itself reads per window)."""
     rows, span = plan.rank_rows(rank), WINDOW_STEPS * plan.share
     windows = np.split(rows, range(span, len(rows), span))
-    return np.concatenate([w[plan.window_order(rank, i, lengths[w])] for i, w in enumerate(windows)])
+    ordered = np.concatenate([w[plan.window_order(rank, i, lengths[w])] for i, w in enumerate(windows)])
+    return ordered[: plan.steps * plan.share]
 
 
 def locate(plan: FeedPlan, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -152,10 +156,11 @@ def read_rows(uri: str, local: np.ndarray, columns: list[str]) -> tuple[pa.Table
 
 
 def read_window(plan: FeedPlan, rank: int, window: int, rows: np.ndarray, first: int,
-                skip: int) -> Iterator[pa.Table]:
-    """One window's rows in plan order, one table per step, minus the ``skip`` rows a
-    resume has trained already. ``order`` is each row's position in the rank's stream;
-    ``read_bytes`` (on the first row) what this task read from storage."""
+                skip: int, stop: int) -> Iterator[pa.Table]:
+    """One window's rows in plan order, one table per step, from ``skip`` (what a resume
+    has trained already) to ``stop`` (the run's last step). ``order`` is each row's
+    position in the rank's stream; ``read_bytes`` (on the first row) what this task read
+    from storage."""
     parts, read = [], 0
     for shard, local in locate(plan, rows):
         table, n = read_rows(plan.shards[shard], local, FEED_COLUMNS)
@@ -165,7 +170,7 @@ def read_window(plan: FeedPlan, rank: int, window: int, rows: np.ndarray, first:
     table = table.take(plan.window_order(rank, window, table["length"].to_numpy()))
     table = table.append_column("order", pa.array(np.arange(first, first + len(rows)), pa.int64()))
     counter = np.zeros(len(rows), np.int64)
-    for start in range(skip, len(rows), plan.share):
+    for start in range(skip, stop, plan.share):
         counter[start] = read if start == skip else 0
         step = table.slice(start, plan.share)
         yield step.append_column("read_bytes", pa.array(counter[start:start + plan.share]))
@@ -184,22 +189,21 @@ class FeedSource(Datasource):
     def windows(self) -> range:
         """The windows from the one holding step ``start`` to the last."""
         span = WINDOW_STEPS * self.plan.share
-        return range(self.start * self.plan.share // span, -(-len(self.rows) // span))
+        return range(self.start * self.plan.share // span, -(-self.plan.steps * self.plan.share // span))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         plan, rank = self.plan, self.rank  # the tasks capture these, not the whole stream
         span = WINDOW_STEPS * plan.share
-        skip_to = self.start * plan.share
+        skip_to, end = self.start * plan.share, plan.steps * plan.share
         tasks = []
         for window in self.windows():
             first = window * span
             rows = self.rows[first:first + span]
-            skip = max(0, skip_to - first)
-            meta = BlockMetadata(num_rows=len(rows) - skip, size_bytes=None, input_files=None,
-                                 exec_stats=None)
+            skip, stop = max(0, skip_to - first), min(len(rows), end - first)
+            meta = BlockMetadata(num_rows=stop - skip, size_bytes=None, input_files=None, exec_stats=None)
             tasks.append(ReadTask(
-                lambda w=window, r=rows, f=first, s=skip: read_window(plan, rank, w, r, f, s),
+                lambda w=window, r=rows, f=first, a=skip, b=stop: read_window(plan, rank, w, r, f, a, b),
                 meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
@@ -208,9 +212,13 @@ def rank_feed(plan: FeedPlan, rank: int, start: int) -> ray.data.Dataset:
     """This rank's rows from step ``start`` on, in plan order (a Ray Dataset, streamed)."""
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     source = FeedSource(plan, rank, start)
+    # Reads run on this worker's node (Ray Data spreads them otherwise: every row would
+    # cross the network twice, storage -> other node -> here).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     # One block per window: left alone, Ray splits a few big read tasks into 1-row blocks
     # (200 of them per task), and the feed ran at 110 rows/s instead of 800.
-    return ray.data.read_datasource(source, override_num_blocks=len(source.windows()))
+    return ray.data.read_datasource(source, override_num_blocks=len(source.windows()),
+                                    scheduling_strategy=here)
 
 
 class FeedCollate(NumpyBatchCollateFn):

@@ -57,9 +57,11 @@ def test_length_grouping_cuts_padding():
     assert grouped < random / 3
 
 
-def test_max_steps_truncates_the_stream():
-    plan = _plan([100], world=2, share=4, max_steps=5)
-    assert plan.steps == 5 and len(plan.rank_rows(1)) == 20
+def test_max_steps_stops_early_on_the_same_batches():
+    lengths = np.random.default_rng(0).integers(5, 500, 1000)
+    short, full = _plan([1000], world=2, share=4, max_steps=5), _plan([1000], world=2, share=4)
+    assert short.steps == 5
+    assert np.array_equal(plan_rows(short, 1, lengths), plan_rows(full, 1, lengths)[:20])
 
 
 def _shards(tmp_path, shard_rows: list[int]) -> tuple[list[str], np.ndarray]:
@@ -83,7 +85,7 @@ def test_a_window_yields_its_rows_in_plan_order_and_counts_only_their_row_groups
     span = WINDOW_STEPS * 4
     rows = plan.rank_rows(1)[span:2 * span]  # the second window: 72 rows
     end = span + len(rows)
-    steps = list(read_window(plan, 1, 1, rows, first=span, skip=8))  # a resume two steps in
+    steps = list(read_window(plan, 1, 1, rows, first=span, skip=8, stop=len(rows)))  # a resume two steps in
     table = pa.concat_tables(steps)
     assert [ids[0] for ids in table["input_ids"].to_pylist()] == want[span + 8:end].tolist()
     assert table["order"].to_pylist() == list(range(span + 8, end))
