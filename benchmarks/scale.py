@@ -45,12 +45,12 @@ def make_pool(demo: Path, dest: Path, size: int = 256) -> list[str]:
     """``size`` distinct images (random crops of the demo's real clinical images, JPEG-90 at
     their own resolution, as PMC figures arrive): every record's pixels differ, as in ChiMed-VL."""
 
-    from medvl.data.images import decode
+    from medvl.data.images import ImageSpec, decode
 
     base = []
     for src in sorted((demo / "images").rglob("*")):
         with contextlib.suppress(Exception):  # a file the demo keeps as a reject case
-            base.append(decode(src.read_bytes(), src.name, 50_000_000).convert("RGB"))
+            base.append(decode(src.read_bytes(), src.name, ImageSpec()).convert("RGB"))
     dest.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     for i in range(size):

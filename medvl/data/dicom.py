@@ -14,16 +14,17 @@ import io
 
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    convert_color_space,
+    pixel_array,
+)
 
-from medvl.data.images import ImageError
+from medvl.data.images import ImageError, ImageSpec, check_size
 
 PERCENTILES = (0.5, 99.5)
-
-
-def _first_frame(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    return arr[0] if frames > 1 else arr
 
 
 def _to_uint8(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -91,21 +92,22 @@ def _colour(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
 
 def dicom_to_rgb(data: bytes, max_pixels: int) -> np.ndarray:
     """DICOM bytes -> uint8 HxWx3, raising ``ImageError`` for unusable files."""
-    arr = dicom_to_array(data, max_pixels)
+    arr = dicom_to_array(data, ImageSpec(max_pixels=max_pixels))
     return np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 2 else arr
 
 
-def dicom_to_array(data: bytes, max_pixels: int) -> np.ndarray:
-    """DICOM bytes -> uint8 HxW (monochrome) or HxWx3 (colour); ``ImageError`` if unusable."""
+def dicom_to_array(data: bytes, spec: ImageSpec) -> np.ndarray:
+    """DICOM bytes -> uint8 HxW (monochrome) or HxWx3 (colour); ``ImageError`` if unusable.
+    Sizes are checked from the header, and only the first frame is decoded (a small
+    compressed multi-frame file can hold gigabytes of frames)."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         rows, cols = int(ds.Rows), int(ds.Columns)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken files
         raise ImageError("corrupt_image", f"not a readable DICOM image: {type(e).__name__}: {e}") from e
-    if rows * cols > max_pixels:
-        raise ImageError("image_too_large", f"{cols}x{rows} pixels > max_pixels={max_pixels}")
+    check_size(cols, rows, spec)
     try:
-        arr = _first_frame(ds, ds.pixel_array)
+        arr = pixel_array(ds, index=0 if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None)
         samples = int(ds.get("SamplesPerPixel", 1))
         photometric = str(ds.get("PhotometricInterpretation", ""))
         if samples == 1 and photometric != "PALETTE COLOR":

@@ -40,17 +40,26 @@ def is_dicom(data: bytes, name: str = "") -> bool:
     return name.lower().endswith(".dcm") or data[128:132] == b"DICM"
 
 
-def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
+def check_size(w: int, h: int, spec: ImageSpec) -> None:
+    """``image_too_large`` from the header's dimensions, before any pixel is decoded: the
+    image itself, and the canvas ``fit`` would build for it."""
+    if w * h > spec.max_pixels:
+        raise ImageError("image_too_large", f"{w}x{h} pixels > max_pixels={spec.max_pixels}")
+    canvas = canvas_pixels(w, h, spec.size, spec.aspect)
+    if canvas > spec.max_pixels:
+        raise ImageError("image_too_large", f"{w}x{h} needs a {canvas}-pixel canvas to {spec.aspect} "
+                                            f"> max_pixels={spec.max_pixels}")
+
+
+def decode(data: bytes, name: str, spec: ImageSpec) -> Image.Image:
     """Bytes of any supported format -> RGB or greyscale PIL image, or ``ImageError``."""
     if is_dicom(data, name):
         from medvl.data.dicom import dicom_to_array
 
-        return Image.fromarray(dicom_to_array(data, max_pixels))
+        return Image.fromarray(dicom_to_array(data, spec))
     try:
         img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageError("image_too_large", f"{w}x{h} pixels > max_pixels={max_pixels}")
+        check_size(*img.size, spec)
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
         # Greyscale stays one channel (4x less resampling work); the full decode runs
@@ -58,7 +67,9 @@ def decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
         img = img.convert("L" if img.mode in ("L", "I", "I;16", "1") else "RGB")
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # over Pillow's own limit before its size is read
+        raise ImageError("image_too_large", str(e)) from e
+    except (OSError, ValueError, SyntaxError) as e:
         raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from e
     return img
 
@@ -72,11 +83,13 @@ def fit(img: Image.Image, size: int, aspect: str) -> np.ndarray:
     the pad colour. Square greyscale images (most DICOM) resample one channel, not four.
     """
     w, h = img.size
-    if aspect == "crop":
-        scale = size / min(w, h)
+    if aspect == "crop":  # resize + centre crop, resampling only the kept box (a 20000x1
+        scale = size / min(w, h)  # image would resize to 6.7M x 336 pixels first)
         rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
         left, top = (rw - size) // 2, (rh - size) // 2
-        return _rgb(img.resize((rw, rh), RESAMPLE).crop((left, top, left + size, top + size)))
+        sx, sy = w / rw, h / rh
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return _rgb(img.resize((size, size), RESAMPLE, box=box))
     if w == h:
         return _rgb(img.resize((size, size), RESAMPLE))
     if max(w, h) < 2 * size:  # little to save: resample the full canvas exactly as LLaVA does
@@ -90,19 +103,35 @@ def _rgb(img: Image.Image) -> np.ndarray:
     return np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 2 else arr
 
 
-def _pad_resize(img: Image.Image, size: int) -> np.ndarray:
-    w, h = img.size
-    side = max(w, h)
-    vertical = w > h  # padding above/below (landscape) or left/right (portrait)
-    short = h if vertical else w
+def _band_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int, int, float]:
+    """Output lines ``r0..r1`` whose filter window touches the image, the canvas band
+    ``c0..c1`` they read, the image's offset in the square, input pixels per output line."""
+    side, short = max(w, h), min(w, h)
     offset = (side - short) // 2  # expand2square's padding before the image
     scale = side / size  # input pixels per output line (>= 2 here)
     support = 2.0 * scale  # bicubic radius 2, stretched by the downscale
-    # Output lines whose filter window touches the image; the rest stay pad colour.
     r0 = max(0, int(np.floor((offset - support) / scale - 0.5)))
     r1 = min(size, int(np.ceil((offset + short + support) / scale + 0.5)))
     margin = int(np.ceil(2.5 * support + scale)) + 2  # every window of r0..r1 fits the band
-    c0, c1 = max(0, offset - margin), min(side, offset + short + margin)
+    return r0, r1, max(0, offset - margin), min(side, offset + short + margin), offset, scale
+
+
+def canvas_pixels(w: int, h: int, size: int, aspect: str) -> int:
+    """Pixels ``fit`` allocates for a ``w x h`` image: checked before decoding, since a
+    tiny file can describe an image whose padded canvas fills the host (20000 x 1)."""
+    if aspect == "crop" or w == h:
+        return w * h
+    if max(w, h) < 2 * size:
+        return max(w, h) ** 2
+    _, _, c0, c1, _, _ = _band_geometry(w, h, size)
+    return max(w, h) * (c1 - c0)
+
+
+def _pad_resize(img: Image.Image, size: int) -> np.ndarray:
+    w, h = img.size
+    vertical = w > h  # padding above/below (landscape) or left/right (portrait)
+    # Output lines outside r0..r1 stay pad colour.
+    r0, r1, c0, c1, offset, scale = _band_geometry(w, h, size)
     band = _band(img, vertical, c0, c1, offset)
     lo, hi = r0 * scale - c0, r1 * scale - c0
     out = np.empty((size, size, 3), np.uint8)
@@ -125,7 +154,7 @@ def _band(img: Image.Image, vertical: bool, c0: int, c1: int, offset: int) -> Im
 
 def load_image(data: bytes, name: str, spec: ImageSpec) -> np.ndarray:
     """Bytes -> fitted uint8 HWC array; raises ``ImageError`` with a reject reason."""
-    return fit(decode(data, name, spec.max_pixels), spec.size, spec.aspect)
+    return fit(decode(data, name, spec), spec.size, spec.aspect)
 
 
 def normalize(pixels: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ from PIL import Image
 from medvl.data import images
 from medvl.data.demo import find_dicom_files
 from medvl.data.dicom import dicom_to_rgb
+from tests.conftest import png_header
 
 
 def llava_pad(img: Image.Image, size: int) -> np.ndarray:
@@ -151,3 +152,54 @@ def test_dicom_guards():
     with pytest.raises(images.ImageError) as e:
         dicom_to_rgb(data[:5000], max_pixels=10**8)
     assert e.value.reason == "corrupt_image"
+
+
+# Memory bombs: small files describing images whose decode or canvas would fill the host.
+# Every size check reads the header only (serving and preprocessing share these paths).
+
+def test_an_image_over_pillows_own_bomb_limit_is_too_large_not_corrupt():
+    with pytest.raises(images.ImageError) as e:
+        images.load_image(png_header(20000, 20000), "x.png", images.ImageSpec())
+    assert e.value.reason == "image_too_large"
+
+
+def test_a_thin_image_whose_padded_canvas_is_a_bomb_is_rejected_from_its_header():
+    """100000 x 1 is 1e5 pixels, but the pad band around it would be ~3.6e8."""
+    spec = images.ImageSpec(size=336, aspect="pad", max_pixels=10**6)
+    with pytest.raises(images.ImageError) as e:
+        images.load_image(png_header(100_000, 1), "x.png", spec)
+    assert e.value.reason == "image_too_large" and "canvas" in e.value.detail
+
+
+def test_crop_of_a_thin_image_resamples_only_the_kept_box():
+    """An 82-byte 20000 x 1 PNG: resize-then-crop built a 6.7M x 336 image (2.5 GB)."""
+    import subprocess
+    import sys
+
+    code = ("import io, resource\nfrom PIL import Image\nfrom medvl.data.images import ImageSpec, load_image\n"
+            "b = io.BytesIO(); Image.new('L', (20000, 1), 200).save(b, 'PNG')\n"
+            "r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "out = load_image(b.getvalue(), 'x.png', ImageSpec(336, 'crop'))\n"
+            "print(out.shape, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r) // 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    shape, grown_mb = out.stdout.rsplit(" ", 1)
+    assert shape == "(336, 336, 3)" and int(grown_mb) < 100, out.stdout + out.stderr
+
+
+def test_a_multi_frame_dicom_decodes_its_first_frame_only():
+    """Frames after the first are never decoded: here they are garbage, which decoding every
+    frame (``ds.pixel_array``) fails on."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import RLELossless
+
+    ds = pydicom.dcmread(DICOM["MR_small.dcm"])
+    first = ds.pixel_array
+    ds.NumberOfFrames = 8
+    ds.compress(RLELossless, np.stack([first] * 8))
+    frames = list(generate_frames(ds.PixelData, number_of_frames=8))
+    ds.PixelData = encapsulate([frames[0]] + [b"\x00" * 64] * 7)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    rgb = dicom_to_rgb(buf.getvalue(), 10**8)
+    assert rgb.shape == first.shape + (3,) and rgb.std() > 5

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from tests.conftest import png_header
 from tests.serving.conftest import ANSWER, API_KEY, QUESTION, png_data_uri
 
 pytestmark = pytest.mark.slow  # starts Ray jobs / Serve: not in `make test-fast`
@@ -76,6 +77,10 @@ BAD = {
     "remote_url": ({"model": "medvl", "messages": _messages("http://169.254.169.254/x.png")}, 400),
     "too_many_pixels": ({"model": "medvl", "messages": _messages(png_data_uri((1200, 1000)))}, 413),
     "image_too_big": ({"model": "medvl", "messages": _messages(_b64(b"x" * 150_000))}, 413),
+    # Tiny files describing bombs, refused from the header: over Pillow's own limit (was a
+    # 400 "corrupt"), and a 100000 x 1 strip whose padded canvas band would be ~3.6e8 pixels.
+    "pillow_bomb": ({"model": "medvl", "messages": _messages(_b64(png_header(20000, 20000)))}, 413),
+    "thin_strip": ({"model": "medvl", "messages": _messages(_b64(png_header(100_000, 1)))}, 413),
     "prompt_too_long": ({"model": "medvl", "messages": _messages(text="很长" * 300)}, 400),
     "assistant_last": ({"model": "medvl", "messages": [{"role": "assistant", "content": "hi"}]}, 400),
     "body_too_large": ({"model": "medvl", "messages": _messages(text="x" * 300_000)}, 413),
