@@ -211,7 +211,9 @@ class FeedSource(Datasource):
 
 def rank_feed(plan: FeedPlan, rank: int, start: int) -> ray.data.Dataset:
     """This rank's rows from step ``start`` on, in plan order (a Ray Dataset, streamed)."""
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # one bar per rank would bury the loop's own progress lines
     source = FeedSource(plan, rank, start)
     # Reads run on this worker's node (Ray Data spreads them otherwise: every row would
     # cross the network twice, storage -> other node -> here).
