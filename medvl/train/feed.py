@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -53,9 +54,14 @@ class FeedPlan:
     group_by_length: bool
     max_steps: int = 0
 
+    @cached_property
+    def starts(self) -> np.ndarray:
+        """Global row id of each shard's first row (and one past the last)."""
+        return np.concatenate([[0], np.cumsum(self.shard_rows)])
+
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """Global row ids of one epoch: shards shuffled, wrapped to whole global batches."""
-        starts = np.concatenate([[0], np.cumsum(self.shard_rows)])
+        starts = self.starts
         rng = np.random.default_rng([self.seed, epoch])
         rows = np.concatenate([np.arange(starts[s], starts[s + 1])
                                for s in rng.permutation(len(self.shard_rows))])
@@ -100,7 +106,7 @@ def plan_rows(plan: FeedPlan, rank: int, lengths: np.ndarray) -> np.ndarray:
 
 def locate(plan: FeedPlan, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """Global row ids -> ``(shard, local row ids)`` runs, in the given order."""
-    starts = np.concatenate([[0], np.cumsum(plan.shard_rows)])
+    starts = plan.starts
     shard = np.searchsorted(starts, rows, side="right") - 1
     cuts = np.flatnonzero(np.diff(shard)) + 1
     return [(int(shard[c[0]]), rows[c] - starts[shard[c[0]]]) for c in np.split(np.arange(len(rows)), cuts)]
@@ -141,19 +147,20 @@ def read_footer(f: io.RawIOBase) -> pq.FileMetaData:
     return pq.read_metadata(pa.BufferReader(b"PAR1" + f.read(size) + tail))
 
 
-def read_rows(uri: str, local: np.ndarray, columns: list[str]) -> tuple[pa.Table, int]:
-    """Rows ``local`` of one shard, in that order, reading only the row groups holding them."""
+def read_row_groups(uri: str, local: np.ndarray, columns: list[str]) -> tuple[pa.Table, np.ndarray, int]:
+    """The row groups of one shard holding rows ``local``, where those rows sit in them (in
+    the order asked), and the bytes read."""
     fs, path = storage.resolve(uri)
     with fs.open_input_file(path) as raw:
         f = CountingFile(raw)
         pf = pq.ParquetFile(f, metadata=read_footer(f))
-        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        sizes = np.array([pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)])
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         group = np.searchsorted(bounds, local, side="right") - 1
         chosen = np.unique(group)
-        table = pf.read_row_groups(chosen.tolist(), columns=columns).combine_chunks()  # take is slow on chunks
-    base = np.concatenate([[0], np.cumsum(np.asarray(sizes)[chosen])])
-    return table.take(base[np.searchsorted(chosen, group)] + local - bounds[group]), f.bytes_read
+        table = pf.read_row_groups(chosen.tolist(), columns=columns)
+    base = np.concatenate([[0], np.cumsum(sizes[chosen])])
+    return table, base[np.searchsorted(chosen, group)] + local - bounds[group], f.bytes_read
 
 
 def read_window(plan: FeedPlan, rank: int, window: int, rows: np.ndarray, first: int,
@@ -161,20 +168,22 @@ def read_window(plan: FeedPlan, rank: int, window: int, rows: np.ndarray, first:
     """One window's rows in plan order, one table per step, from ``skip`` (what a resume
     has trained already) to ``stop`` (the run's last step). ``order`` is each row's
     position in the rank's stream; ``read_bytes`` (on the first row) what this task read
-    from storage."""
-    parts, read = [], 0
+    from storage. Pixels are copied once: one ``take`` from the row groups read."""
+    tables, index, read, offset = [], [], 0, 0
     for shard, local in locate(plan, rows):
-        table, n = read_rows(plan.shards[shard], local, FEED_COLUMNS)
-        parts.append(table)
+        table, at, n = read_row_groups(plan.shards[shard], local, FEED_COLUMNS)
+        tables.append(table)
+        index.append(at + offset)
+        offset += table.num_rows
         read += n
-    table = pa.concat_tables(parts).combine_chunks()
-    table = table.take(plan.window_order(rank, window, table["length"].to_numpy()))
-    table = table.append_column("order", pa.array(np.arange(first, first + len(rows)), pa.int64()))
+    groups = pa.concat_tables(tables).combine_chunks()  # take is slow on many chunks
+    index = np.concatenate(index)
+    index = index[plan.window_order(rank, window, groups["length"].to_numpy()[index])]
+    table = groups.take(index).append_column("order", pa.array(np.arange(first, first + len(rows)), pa.int64()))
     counter = np.zeros(len(rows), np.int64)
+    counter[skip] = read  # the first step this task yields carries its bytes
     for start in range(skip, stop, plan.share):
-        counter[start] = read if start == skip else 0
-        step = table.slice(start, plan.share)
-        yield step.append_column("read_bytes", pa.array(counter[start:start + plan.share]))
+        yield table.slice(start, plan.share).append_column("read_bytes", pa.array(counter[start:start + plan.share]))
 
 
 class FeedSource(Datasource):
