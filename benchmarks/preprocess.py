@@ -143,14 +143,21 @@ def main() -> None:
     print(f"{'path':<28}{'seconds':>10}{'images/s':>12}")
     print(f"{'plain loop (1 process)':<28}{t_loop:>10.2f}{n / t_loop:>12.1f}")
     print(f"{'Ray Data pipeline':<28}{t_ray:>10.2f}{n / t_ray:>12.1f}")
-    print(f"{'speed-up (target >=1.6x)':<28}{t_loop / t_ray:>10.2f}x", flush=True)
+    print(f"{'speed-up (target >=1.6x)':<28}{t_loop / t_ray:>10.2f}x  {verdict(t_loop / t_ray >= 1.6)}", flush=True)
     tr = bench_transform(root, args.size)
     print(f"\n(b) per-image transform to {args.size}px, {tr['n']} images, one core")
     print(f"{'path':<28}{'seconds':>10}{'images/s':>12}")
     print(f"{'LLaVA expand2square+CLIP':<28}{tr['llava_s']:>10.2f}{tr['n'] / tr['llava_s']:>12.1f}")
     print(f"{'medvl images.fit':<28}{tr['ours_s']:>10.2f}{tr['n'] / tr['ours_s']:>12.1f}")
-    print(f"{'speed-up (target >=2x)':<28}{tr['llava_s'] / tr['ours_s']:>10.2f}x")
-    print(f"pixels: mean |diff| {tr['mean_abs_diff']:.4f} (<=0.5), max |diff| {tr['max_abs_diff']} (<=2)")
+    speedup = tr["llava_s"] / tr["ours_s"]
+    print(f"{'speed-up (target >=2x)':<28}{speedup:>10.2f}x  {verdict(speedup >= 2)}")
+    same = tr["mean_abs_diff"] <= 0.5 and tr["max_abs_diff"] <= 2
+    print(f"pixels: mean |diff| {tr['mean_abs_diff']:.4f} (<=0.5), max |diff| {tr['max_abs_diff']} (<=2)  "
+          f"{verdict(same)}")
+
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "MISSED"
 
 
 if __name__ == "__main__":

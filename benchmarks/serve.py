@@ -117,10 +117,11 @@ def main() -> None:
     print(f"{'max_batch_size':<16}{'req/s':>8}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}")
     for b, r in rows.items():
         print(f"{b:<16}{r['rps']:>8.1f}{r['tok_s']:>9.0f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}")
-    print(f"batching speed-up: {rows[16]['rps'] / rows[1]['rps']:.2f}x (target >=2x)")
+    speedup = rows[16]["rps"] / rows[1]["rps"]
+    print(f"batching speed-up: {speedup:.2f}x (target >=2x)  {'MET' if speedup >= 2 else 'MISSED'}")
     overhead = one_client["p50_ms"] - direct
     print(f"\none client: HTTP p50 {one_client['p50_ms']:.1f} ms, in-process p50 {direct:.1f} ms, "
-          f"Serve overhead {overhead:.1f} ms (target <=25 ms)")
+          f"Serve overhead {overhead:.1f} ms (target <=25 ms)  {'MET' if overhead <= 25 else 'MISSED'}")
 
 
 if __name__ == "__main__":
