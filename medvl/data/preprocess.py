@@ -129,7 +129,7 @@ def process_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> pa.Tab
     """A small batch (one row group) of records; its images are fetched concurrently (S3
     latency, not bandwidth, bounds a one-at-a-time fetch)."""
     prepared = [prepare(int(n), str(t), cfg) for n, t in zip(batch["line"], batch["text"], strict=True)]
-    uris = [p.uri for p in prepared if isinstance(p, Prepared)]
+    uris = list(dict.fromkeys(p.uri for p in prepared if isinstance(p, Prepared)))  # QA pairs share images
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
         fetched = dict(zip(uris, pool.map(fetch, uris), strict=True))
     rows = [finish(p, fetched[p.uri] if isinstance(p, Prepared) else None, cfg) for p in prepared]

@@ -58,7 +58,8 @@ def train_loop_per_worker(config: dict) -> None:
     model, tok = build_model(cfg)  # train mode, recomputation as the recipe sets it, no KV cache
     release_free_memory()
     memory.mark("load")
-    steps = config["steps"]
+    plan = FeedPlan(**config["plan"])
+    steps = plan.steps
     opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=cfg.use_gpu)  # one kernel per step on GPU, as benchmarked
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_ratio))
@@ -79,7 +80,6 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[stage {cfg.stage}] resumed from checkpoint at step {start}", flush=True)
 
-    plan = FeedPlan(**config["plan"])
     collate = FeedCollate(tok.pad_token_id, model.config.vision_config.image_size)
     t_feed = time.perf_counter()
     # Starts at the data position: nothing trained is read again.

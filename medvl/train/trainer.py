@@ -59,8 +59,8 @@ def train(cfg: TrainConfig) -> dict:
     meta = {"template": pre["template"], "aspect": pre["aspect"], "image_size": pre["image_size"]}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": dataclasses.asdict(cfg), "steps": plan.steps, "hf": hf, "meta": meta,
-                           "plan": dataclasses.asdict(plan)},
+        train_loop_config={"train": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan), "hf": hf,
+                           "meta": meta},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
