@@ -41,10 +41,17 @@ def _config_from_args(cls: type, args: argparse.Namespace) -> Any:
     return config.load(cls, args.config, flags + list(args.overrides), section=args.section)
 
 
+def _placement(args: argparse.Namespace):
+    """The recipe's ``placement:`` section (defaults: cluster/aws.yaml's node types)."""
+    from medvl.placement import Placement
+
+    return config.load(Placement, args.config, section="placement") if args.config else Placement()
+
+
 def cmd_preprocess(args: argparse.Namespace) -> None:
     from medvl.data.preprocess import PreprocessConfig, preprocess
 
-    manifest = preprocess(_config_from_args(PreprocessConfig, args))
+    manifest = preprocess(_config_from_args(PreprocessConfig, args), _placement(args))
     summary = {k: manifest[k] for k in ("records_in", "records_kept", "records_rejected",
                                         "rejects_by_reason", "tokens")}
     print(json.dumps(summary, ensure_ascii=False, indent=2))
@@ -56,13 +63,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if args.section is None and args.stage is not None:
         args.section = f"stage{args.stage}"  # recipes hold one section per stage
-    print(json.dumps(train(_config_from_args(TrainConfig, args)), indent=2))
+    print(json.dumps(train(_config_from_args(TrainConfig, args), _placement(args)), indent=2))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from medvl.eval.evaluate import EvalConfig, evaluate
 
-    metrics = evaluate(_config_from_args(EvalConfig, args))
+    metrics = evaluate(_config_from_args(EvalConfig, args), _placement(args))
     print(json.dumps({k: metrics[k] for k in ("n", "errors", "closed_chance", "overall")}, indent=2))
 
 

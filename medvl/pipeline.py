@@ -25,6 +25,7 @@ from typing import Any
 from medvl import config, storage
 from medvl.data.preprocess import PreprocessConfig
 from medvl.eval.evaluate import EvalConfig
+from medvl.placement import Placement, check_accelerator, deployment_options
 from medvl.serving.api import ServeConfig
 from medvl.train.config import TrainConfig
 
@@ -45,7 +46,9 @@ class DeployConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "HTTP address (0.0.0.0 on a cluster)"})
     port: int = field(default=8000, metadata={"help": "HTTP port of Serve's proxy"})
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs per replica"})
-    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per replica"})
+    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per replica (on placement.serve_accelerator)"})
+    min_replicas: int = field(default=1, metadata={"help": "Serve autoscaling: fewest replicas (2+ on a cluster)"})
+    max_replicas: int = field(default=1, metadata={"help": "Serve autoscaling: most replicas"})
     probe: str = field(default="", metadata={"help": "records to pick the check request from (default: eval.data)"})
 
 
@@ -61,6 +64,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    placement: Placement = field(default_factory=Placement)
     demo_data: DemoDataConfig | None = None
 
 
@@ -97,13 +101,13 @@ def build_steps(r: Recipe, owned_ray: bool, keep_serving: bool) -> list[Step]:
     data_dep = ("demo-data",) if r.demo_data is not None else ()
     for name, cfg in (("preprocess-alignment", r.preprocess_alignment),
                       ("preprocess-instruction", r.preprocess_instruction)):
-        steps.append(Step(name, cfg.output, cfg, lambda c=cfg: _counts(preprocess(c)), data_dep,
+        steps.append(Step(name, cfg.output, cfg, lambda c=cfg: _counts(preprocess(c, r.placement)), data_dep,
                           (cfg.data,)))
     steps += [
-        Step("stage1", r.stage1.output, r.stage1, lambda: train(r.stage1), ("preprocess-alignment",)),
-        Step("stage2", r.stage2.output, r.stage2, lambda: train(r.stage2),
+        Step("stage1", r.stage1.output, r.stage1, lambda: train(r.stage1, r.placement), ("preprocess-alignment",)),
+        Step("stage2", r.stage2.output, r.stage2, lambda: train(r.stage2, r.placement),
              ("stage1", "preprocess-instruction")),
-        Step("evaluate", r.eval.output, r.eval, lambda: _eval_result(evaluate(r.eval)),
+        Step("evaluate", r.eval.output, r.eval, lambda: _eval_result(evaluate(r.eval, r.placement)),
              ("stage2", *data_dep), (r.eval.data,)),
         Step("export", model, {"from": storage.join(r.stage2.output, "hf")},
              lambda: _export(storage.join(r.stage2.output, "hf"), model), ("stage2",)),
@@ -236,7 +240,10 @@ def deploy(r: Recipe, model: str, owned: bool, keep_serving: bool) -> dict:
 
     cfg = dataclasses.replace(r.serve, model=model)
     d = r.deploy
-    run_local(cfg, d.host, d.port, blocking=False, num_cpus=d.num_cpus)
+    if d.num_gpus:
+        check_accelerator(r.placement.serve_accelerator)
+    run_local(cfg, d.host, d.port, blocking=False, options=deployment_options(
+        d.num_cpus, d.num_gpus, d.min_replicas, d.max_replicas, r.placement))
     local = f"http://127.0.0.1:{d.port}/v1"
     sample = probe(local, cfg.model_name, d.probe or r.eval.data, r.eval.image_root)
     print(f"[pipeline] deploy: asked {sample['question']!r} about {sample['image']}\n"

@@ -24,6 +24,7 @@ from medvl.data import images, records, templates
 from medvl.data.sources import open_records, read_records
 from medvl.data.tokenize import IGNORE, Tokenized, encode_segments
 from medvl.data.writer import ROW_GROUP_ROWS, ROW_SCHEMA, ShardSink
+from medvl.placement import Placement, cpu_task_options
 from medvl.tokenizer import load as load_tokenizer
 
 FETCH_THREADS = 16  # concurrent image reads per task
@@ -138,8 +139,8 @@ def process_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> pa.Tab
 
 
 
-def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
-    """Run the pipeline on the current Ray cluster; return the manifest."""
+def preprocess(cfg: PreprocessConfig, placement: Placement | None = None) -> dict[str, Any]:
+    """Run the pipeline on the current Ray cluster's CPU pool; return the manifest."""
     for name in ("data", "image_root", "output", "tokenizer"):
         if not getattr(cfg, name):
             raise ValueError(f"preprocess: --{name.replace('_', '-')} is required")
@@ -153,7 +154,9 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
     storage.delete_dir(storage.join(cfg.output, "shards"))
     sink = ShardSink(cfg.output, records_in=raw.records, run_config=config.to_dict(cfg),
                      plain=cfg.template == "plain")
-    ds = read_records(raw).map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy",
-                                       batch_size=ROW_GROUP_ROWS, memory=cfg.task_memory_mb * 2**20)
-    ds.write_datasink(sink)
+    where = cpu_task_options(placement or Placement())  # the same on every operator: they fuse
+    ds = read_records(raw, where).map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy",
+                                              batch_size=ROW_GROUP_ROWS, memory=cfg.task_memory_mb * 2**20,
+                                              **where)
+    ds.write_datasink(sink, ray_remote_args=where)
     return sink.manifest

@@ -136,6 +136,7 @@ class RecordSource(Datasource):
                 for c in self.records.chunks]
 
 
-def read_records(records: RecordsFile) -> ray.data.Dataset:
+def read_records(records: RecordsFile, ray_remote_args: dict | None = None) -> ray.data.Dataset:
     """One block per chunk (``override_num_blocks``: Ray would split a few big chunks)."""
-    return ray.data.read_datasource(RecordSource(records), override_num_blocks=len(records.chunks))
+    return ray.data.read_datasource(RecordSource(records), override_num_blocks=len(records.chunks),
+                                    ray_remote_args=ray_remote_args or {})

@@ -1,7 +1,7 @@
 """``medvl eval``: batch inference over an eval set with Ray Data, then metrics and a report.
 
 Records -> Ray Data -> an actor pool of ``Predictor`` s (the model loaded once per actor,
-the pool sized to the cluster) generating greedily in batches -> metrics per example ->
+the pool sized by the recipe) generating greedily in batches -> metrics per example ->
 ``OUTPUT/{predictions.jsonl, metrics.json, report.md, metrics.png}``. Greedy decoding with
 a fixed batch composition and order makes two runs give identical results.
 """
@@ -20,6 +20,7 @@ from medvl import storage
 from medvl.data import images, records
 from medvl.eval.metrics import answer_type, score
 from medvl.eval.report import write_report
+from medvl.placement import Placement, actor_options, check_accelerator
 from medvl.serving.engine import Engine, Request
 
 
@@ -31,7 +32,7 @@ class EvalConfig:
     output: str = field(default="", metadata={"help": "report directory (URI)"})
     batch_size: int = field(default=16, metadata={"help": "questions generated together per actor"})
     max_tokens: int = field(default=32, metadata={"help": "longest generated answer"})
-    replicas: int = field(default=0, metadata={"help": "model actors (0: as many as the cluster fits)"})
+    replicas: int = field(default=1, metadata={"help": "model actors (one per GPU with use_gpu)"})
     cpus_per_replica: float = field(default=1.0, metadata={"help": "CPUs per model actor"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per model actor (bf16)"})
     limit: int = field(default=0, metadata={"help": "evaluate only the first N records (0: all)"})
@@ -91,18 +92,17 @@ class Predictor:
         return {"index": batch["index"].tolist(), "prediction": preds, "error": errors}
 
 
-def predict(cfg: EvalConfig, examples: list[dict]) -> list[dict]:
-    """Greedy answers for ``examples`` from an actor pool over the cluster's CPUs/GPUs."""
+def predict(cfg: EvalConfig, examples: list[dict], placement: Placement) -> list[dict]:
+    """Greedy answers for ``examples`` from a pool of ``cfg.replicas`` model actors on the
+    serving node type (sized by the recipe, not by whatever nodes happen to be up)."""
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    fits = ray.cluster_resources().get("GPU" if cfg.use_gpu else "CPU", 1)
-    per = 1 if cfg.use_gpu else cfg.cpus_per_replica
     batches = math.ceil(len(examples) / cfg.batch_size)
-    pool = cfg.replicas or max(1, min(batches, int(fits // per)))
+    pool = max(1, min(batches, cfg.replicas))
     items = [{"index": ex["index"], "example": json.dumps(ex, ensure_ascii=False)} for ex in examples]
     ds = ray.data.from_items(items, override_num_blocks=max(1, batches))
     ds = ds.map_batches(
         Predictor, batch_size=cfg.batch_size, concurrency=pool,
-        num_cpus=cfg.cpus_per_replica, num_gpus=1 if cfg.use_gpu else 0,
+        **actor_options(cfg.cpus_per_replica, 1 if cfg.use_gpu else 0, placement),
         fn_constructor_kwargs={"model": cfg.model, "image_root": cfg.image_root,
                                "max_tokens": cfg.max_tokens, "threads": int(cfg.cpus_per_replica),
                                "device": "cuda" if cfg.use_gpu else "cpu"})
@@ -111,7 +111,7 @@ def predict(cfg: EvalConfig, examples: list[dict]) -> list[dict]:
              "error": by_index[ex["index"]]["error"]} for ex in examples]
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def evaluate(cfg: EvalConfig, placement: Placement | None = None) -> dict:
     """Run the eval set through the model; write the report; return ``metrics.json``'s content."""
     for name in ("model", "data", "image_root", "output"):
         if not getattr(cfg, name):
@@ -123,7 +123,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise ValueError(f"eval: {cfg.data} holds no records")
     if not ray.is_initialized():
         ray.init()
-    rows = predict(cfg, examples)
+    placement = placement or Placement()
+    if cfg.use_gpu:
+        check_accelerator(placement.serve_accelerator)
+    rows = predict(cfg, examples, placement)
     for row in rows:
         row["scores"] = score(row["prediction"], row)
     return write_report(rows, cfg.output, {"model": cfg.model, "data": cfg.data})

@@ -59,7 +59,10 @@ def load_api_keys(cfg: ServeConfig) -> set[str]:
 class ChatDeployment:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        self.engine = Engine(cfg.model)
+        import torch
+
+        # A replica given a GPU (ray_actor_options num_gpus) sees exactly that one.
+        self.engine = Engine(cfg.model, device="cuda" if torch.cuda.is_available() else "cpu")
         self.keys = load_api_keys(cfg)
         self._generate.set_max_batch_size(cfg.max_batch_size)
         self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -147,24 +150,23 @@ def build_app(args: dict) -> serve.Application:
     return application(cfg)
 
 
-def application(cfg: ServeConfig, num_cpus: float | None = None) -> serve.Application:
-    """Our deployment (CPU or GPU) or, with ``backend: vllm``, ray.serve.llm's."""
+def application(cfg: ServeConfig, options: dict | None = None) -> serve.Application:
+    """Our deployment (CPU or GPU) or, with ``backend: vllm``, ray.serve.llm's; ``options``:
+    ``placement.deployment_options`` (default: the decorator's one CPU replica)."""
     cfg = _absolute(cfg)
     if cfg.backend == "vllm":
         from medvl.serving.vllm import build_vllm_app
 
-        return build_vllm_app(cfg)
-    if num_cpus is None:
-        return ChatDeployment.bind(cfg)
-    return ChatDeployment.options(ray_actor_options={"num_cpus": num_cpus}).bind(cfg)
+        return build_vllm_app(cfg, options)
+    return (ChatDeployment.options(**options) if options else ChatDeployment).bind(cfg)
 
 
 def run_local(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
-              num_cpus: float = 1.0) -> None:
+              options: dict | None = None) -> None:
     """Start (or join) a local Ray, then serve ``cfg`` at ``http://host:port/v1``."""
     import ray
 
     if not ray.is_initialized():
         ray.init()
     serve.start(http_options={"host": host, "port": port})
-    serve.run(application(cfg, num_cpus), name="medvl", route_prefix="/", blocking=blocking)
+    serve.run(application(cfg, options), name="medvl", route_prefix="/", blocking=blocking)

@@ -16,10 +16,11 @@ import posixpath
 
 import numpy as np
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
 from medvl import storage
+from medvl.placement import Placement, check_accelerator, train_scaling
 from medvl.train.config import TrainConfig
 from medvl.train.feed import FeedPlan
 from medvl.train.loop import STATE_FILE, train_loop_per_worker
@@ -42,18 +43,21 @@ def feed_plan(cfg: TrainConfig, manifest: dict) -> FeedPlan:
                     group_by_length=cfg.group_by_length, max_steps=cfg.max_steps)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run one stage; return a summary (steps, first/last loss, exported model URI)."""
+def train(cfg: TrainConfig, placement: Placement | None = None) -> dict:
+    """Run one stage on the recipe's training nodes; return a summary (steps, first/last loss,
+    exported model URI)."""
     for name in ("data", "output"):
         if not getattr(cfg, name):
             raise ValueError(f"train: `{name}` is required")
     cfg = dataclasses.replace(cfg, **{k: storage.absolute(getattr(cfg, k)) for k in URI_FIELDS})
     if not ray.is_initialized():
         ray.init()
+    placement = placement or Placement()
+    if cfg.use_gpu:
+        check_accelerator(placement.train_accelerator)
     manifest = read_manifest(cfg.data)
     plan = feed_plan(cfg, manifest)
     fs, path = storage.resolve(cfg.output)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     pre = manifest["config"]
     hf = storage.join(cfg.output, "hf")
     meta = {"template": pre["template"], "aspect": pre["aspect"], "image_size": pre["image_size"]}
@@ -61,8 +65,8 @@ def train(cfg: TrainConfig) -> dict:
         train_loop_per_worker,
         train_loop_config={"train": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan), "hf": hf,
                            "meta": meta},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=train_scaling(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker,
+                                     placement),
         run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),

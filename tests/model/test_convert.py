@@ -112,7 +112,7 @@ def test_converted_model_is_served(original, tmp_path, ray_cluster):
     convert_llava(str(src), str(vit_dir), str(tmp_path / "hf"))
     port = free_port()
     run_local(ServeConfig(model=str(tmp_path / "hf"), max_tokens_cap=8), port=port, blocking=False,
-              num_cpus=0.5)
+              options={"ray_actor_options": {"num_cpus": 0.5}})
     try:
         r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
             "model": "medvl", "max_tokens": 4, "messages": [{"role": "user", "content": [

@@ -59,7 +59,7 @@ def server(ray_cluster, taught_model_dir, tmp_path_factory):
                       max_image_pixels=1_000_000, max_prompt_tokens=200, max_tokens_cap=32,
                       api_key_file=str(keyfile))
     port = free_port()
-    run_local(cfg, port=port, blocking=False, num_cpus=0.5)
+    run_local(cfg, port=port, blocking=False, options={"ray_actor_options": {"num_cpus": 0.5}})
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url)
     yield url
