@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,10 +27,29 @@ def png_header(w: int, h: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
+def _reserved_ports():
+    """Ports below the kernel's ephemeral range and above Ray's worker ports (10002-19999),
+    from a per-process offset: no ``bind(0)`` and no Ray worker can take one between our pick
+    and its use, which for the pipeline's Serve port is minutes later; each is handed out once."""
+    lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    start = 20000 + (os.getpid() * 97) % (lo - 20000)
+    for i in range(lo - 20000):
+        yield 20000 + (start - 20000 + i) % (lo - 20000)
+
+
+_PORTS = _reserved_ports()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now that nothing else will be given before the caller binds it."""
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @pytest.fixture(scope="session")

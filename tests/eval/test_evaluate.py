@@ -27,12 +27,22 @@ def run_eval(model: str, data: str, demo_dir, out) -> dict:
                                batch_size=8, max_tokens=16, replicas=2, cpus_per_replica=0.5))
 
 
-def test_eval_is_deterministic_and_reports(stage2, demo_dir, tmp_path):
+def test_eval_is_deterministic_and_reports(stage2, demo_dir, tmp_path, s3_endpoint):
+    """Two runs give the same answers, the second with model, records, images and report on S3."""
+    from medvl import storage
+
     heldout = str(demo_dir / "instruction_heldout.jsonl")
     a = run_eval(stage2["hf"], heldout, demo_dir, tmp_path / "a")
-    b = run_eval(stage2["hf"], heldout, demo_dir, tmp_path / "b")
+    s3 = f"{s3_endpoint}/eval-{tmp_path.name}"
+    storage.copy_dir(stage2["hf"], f"{s3}/model")
+    storage.copy_dir(str(demo_dir / "images"), f"{s3}/images")
+    storage.write_text(f"{s3}/heldout.jsonl", (demo_dir / "instruction_heldout.jsonl").read_text())
+    b = evaluate(EvalConfig(model=f"{s3}/model", data=f"{s3}/heldout.jsonl", image_root=f"{s3}/images",
+                            output=f"{s3}/report", batch_size=8, max_tokens=16, replicas=2,
+                            cpus_per_replica=0.5))
     assert a["n"] == len((demo_dir / "instruction_heldout.jsonl").read_text().splitlines()) and a["errors"] == 0
-    assert (tmp_path / "a" / "predictions.jsonl").read_text() == (tmp_path / "b" / "predictions.jsonl").read_text()
+    assert (tmp_path / "a" / "predictions.jsonl").read_text() == storage.read_text(f"{s3}/report/predictions.jsonl")
+    assert storage.exists(f"{s3}/report/report.md") and storage.exists(f"{s3}/report/metrics.png")
     assert a["overall"] == b["overall"] and a["by_modality"] == b["by_modality"]
     report = (tmp_path / "a" / "report.md").read_text()
     assert "| overall |" in report and "Worst-scored examples" in report

@@ -87,6 +87,19 @@ def test_importer_fixture(fmt, make, tmp_path):
             assert ex["answer_type"] in ("closed", "open") and ex["question"] and ex["answer"]
 
 
+def test_importer_reads_a_release_on_s3_and_writes_there(tmp_path, s3_endpoint):
+    from medvl import storage
+
+    src = tmp_path / "release"
+    src.mkdir()
+    slake(src)
+    storage.copy_dir(str(src), f"{s3_endpoint}/slake-release")
+    local, remote = tmp_path / "local.jsonl", f"{s3_endpoint}/slake-test.jsonl"
+    n = import_vqa("slake", str(src), str(local), "test")
+    assert import_vqa("slake", f"{s3_endpoint}/slake-release", remote, "test") == n > 0
+    assert storage.read_text(remote) == local.read_text()
+
+
 def test_importer_fields(tmp_path):
     vqa_rad(tmp_path)
     import_vqa("vqa-rad", str(tmp_path), str(tmp_path / "r.jsonl"), "all")

@@ -57,3 +57,29 @@ def test_score_picks_metrics_by_answer_type():
     assert set(opened) == {"exact_match", "token_f1", "open_recall", "bleu4", "rouge_l"}
     assert math.isclose(opened["open_recall"], 0.5)
     assert m.answer_type({"answer": "Yes"}) == "closed" and m.answer_type({"answer": "肺"}) == "open"
+
+
+def test_aggregate_and_chance_against_hand_computed_values():
+    from medvl.eval.report import aggregate
+
+    def row(kind, modality, scores, choices=None, error=""):
+        return {"answer_type": kind, "modality": modality, "scores": scores, "choices": choices, "error": error}
+
+    rows = [
+        row("closed", "CT", {"closed_accuracy": 1.0, "exact_match": 1.0, "token_f1": 1.0}, ["是", "否"]),
+        row("closed", "MR", {"closed_accuracy": 0.0, "exact_match": 0.0, "token_f1": 0.5}, list(CHOICES)),
+        row("closed", "MR", {"closed_accuracy": 1.0, "exact_match": 0.0, "token_f1": 0.25}),  # yes/no, unlisted
+        row("open", "CT", {"exact_match": 0.0, "token_f1": 0.5, "open_recall": 0.25, "bleu4": 0.1,
+                           "rouge_l": 0.3}, error="no-such-image.png"),
+    ]
+    m = aggregate(rows)
+    assert (m["n"], m["errors"]) == (4, 1)
+    assert m["closed_chance"] == pytest.approx((1 / 2 + 1 / len(CHOICES) + 1 / 2) / 3)
+    assert m["overall"] == pytest.approx({"n": 4, "closed_accuracy": 2 / 3, "exact_match": 1 / 4,
+                                          "token_f1": 2.25 / 4, "open_recall": 0.25, "bleu4": 0.1,
+                                          "rouge_l": 0.3})
+    assert m["by_answer_type"]["closed"] == pytest.approx({"n": 3, "closed_accuracy": 2 / 3,
+                                                           "exact_match": 1 / 3, "token_f1": 1.75 / 3})
+    assert m["by_modality"]["MR"] == pytest.approx({"n": 2, "closed_accuracy": 0.5, "exact_match": 0.0,
+                                                    "token_f1": 0.375})
+    assert m["by_modality"]["CT"]["token_f1"] == pytest.approx(0.75)

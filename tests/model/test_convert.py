@@ -99,19 +99,26 @@ def test_unknown_keys_are_an_error_naming_them(original, tmp_path):
         convert_llava(str(bad), str(vit_dir), str(tmp_path / "out"))
 
 
-def test_converted_model_is_served(original, tmp_path, ray_cluster):
+def test_converted_model_is_served(original, tmp_path, ray_cluster, s3_endpoint):
+    """Everything on S3, as on a cluster: the release and CLIP directories in, the converted
+    model out, and the Serve replica loading it from there."""
     import requests
     from ray import serve
 
+    from medvl import storage
     from medvl.serving.api import ServeConfig
     from medvl.serving.app import run_local
     from tests.conftest import free_port
     from tests.serving.conftest import png_data_uri
 
     src, vit_dir, _, _ = original
-    convert_llava(str(src), str(vit_dir), str(tmp_path / "hf"))
+    root = f"{s3_endpoint}/convert-{tmp_path.name}"
+    storage.copy_dir(str(src), f"{root}/release")
+    storage.copy_dir(str(vit_dir), f"{root}/clip")
+    convert_llava(f"{root}/release", f"{root}/clip", f"{root}/hf")
+    assert storage.exists(f"{root}/hf/config.json") and storage.exists(f"{root}/hf/medvl.json")
     port = free_port()
-    run_local(ServeConfig(model=str(tmp_path / "hf"), max_tokens_cap=8), port=port, blocking=False,
+    run_local(ServeConfig(model=f"{root}/hf", max_tokens_cap=8), port=port, blocking=False,
               options={"ray_actor_options": {"num_cpus": 0.5}})
     try:
         r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={

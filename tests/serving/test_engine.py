@@ -60,9 +60,22 @@ def test_text_only_and_image_requests_share_a_batch(engine):
     b = Request(turns=[("你好", None)], max_tokens=4)
     streamed, results = _run(engine, [b, a])
     assert streamed[1] == _run(engine, [a])[0][0] and all(results)
+    assert streamed[0] == _run(engine, [b])[0][0]  # the text-only answer, as when asked alone
 
 
 def test_seeded_sampling_is_reproducible(engine):
     req = Request(turns=[("<image>\n描述", None)], image=_png(), max_tokens=5, temperature=1.0,
                   top_p=0.9, seed=7)
     assert _run(engine, [req])[0] == _run(engine, [req])[0]
+
+
+def test_sampling_uses_seed_temperature_and_top_p(engine):
+    def ask(**sampling) -> str:
+        req = Request(turns=[("<image>\n描述", None)], image=_png(), max_tokens=5, **sampling)
+        return _run(engine, [req])[0][0]
+
+    greedy = ask()
+    sampled = {ask(temperature=1.0, seed=s) for s in range(4)}
+    assert len(sampled) > 1  # the seed is used
+    assert sampled != {greedy}  # temperature > 0 samples
+    assert ask(temperature=1.0, top_p=1e-6, seed=3) == greedy  # top_p keeps only the top token

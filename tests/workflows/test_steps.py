@@ -41,3 +41,62 @@ def test_a_failing_step_is_in_the_summary_and_fails_the_run(ray_cluster, tmp_pat
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == {"preprocess-alignment": {"status": "failed", "hash": None}}
     assert not (tmp_path / "run" / "data" / "alignment" / "_SUCCESS").exists()
+
+
+@pytest.mark.slow
+def test_step_flags_rerun_rules_and_a_later_failure_on_s3(ray_cluster, demo_dir, s3_endpoint, tmp_path):
+    """``--until/--only/--force/--from`` through ``run_pipeline`` with the run on S3: what runs,
+    what is skipped, a changed config empties its step's directory, and a later step's
+    failure leaves the completed steps' markers as they were."""
+    import json
+    import uuid
+
+    import yaml
+
+    from medvl import storage
+    from medvl.pipeline import read_marker, run_pipeline
+
+    def section(kind: str, template: str) -> dict:
+        return {"data": str(demo_dir / f"{kind}_train.jsonl"), "image_root": str(demo_dir / "images"),
+                "output": f"${{run}}/data/{kind}", "tokenizer": str(demo_dir / "tokenizer"),
+                "template": template, "image_size": 32, "num_image_tokens": 16, "max_length": 256}
+
+    doc = {"preprocess_alignment": section("alignment", "plain"),
+           "preprocess_instruction": section("instruction", "v1"),
+           "stage1": {"data": "${run}/data/not-there", "output": "${run}/stage1"}}  # fails at once
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(doc))
+    run = f"{s3_endpoint}/pipe-{uuid.uuid4().hex[:8]}"
+
+    def go(**flags) -> dict[str, str]:
+        summary = run_pipeline(str(recipe), output=run, **flags)
+        assert json.loads(storage.read_text(f"{run}/summary.json"))["steps"] == summary["steps"]
+        return {k: v["status"] for k, v in summary["steps"].items()}
+
+    first = go(until="preprocess-instruction")
+    assert first == {"preprocess-alignment": "ran", "preprocess-instruction": "ran", "stage1": "not run",
+                     "stage2": "not run", "evaluate": "not run", "export": "not run", "deploy": "not run"}
+    align, instr = read_marker(f"{run}/data/alignment"), read_marker(f"{run}/data/instruction")
+    assert go(only="preprocess-instruction")["preprocess-instruction"] == "skipped"
+    forced = go(only="preprocess-instruction", force=True)
+    assert forced["preprocess-instruction"] == "ran" and forced["preprocess-alignment"] == "complete"
+    assert read_marker(f"{run}/data/instruction")["finished_at"] > instr["finished_at"]
+    assert read_marker(f"{run}/data/alignment") == align  # not selected: untouched
+
+    # A changed config: the step's directory is emptied before it runs again.
+    storage.write_text(f"{run}/data/alignment/stale.txt", "from the old config")
+    doc["preprocess_alignment"]["max_length"] = 200
+    recipe.write_text(yaml.safe_dump(doc))
+    assert go(start="preprocess-alignment", until="preprocess-alignment")["preprocess-alignment"] == "ran"
+    assert not storage.exists(f"{run}/data/alignment/stale.txt")
+    assert read_marker(f"{run}/data/alignment")["hash"] != align["hash"]
+
+    # A later step fails: the run fails, the summary says where, earlier markers stand.
+    before = read_marker(f"{run}/data/instruction")
+    with pytest.raises(FileNotFoundError):
+        go(until="stage1")
+    summary = json.loads(storage.read_text(f"{run}/summary.json"))["steps"]
+    assert {k: v["status"] for k, v in summary.items() if k != "stage1"} == {
+        "preprocess-alignment": "skipped", "preprocess-instruction": "skipped"}
+    assert summary["stage1"]["status"] == "failed"
+    assert read_marker(f"{run}/data/instruction") == before and not read_marker(f"{run}/stage1")
