@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,12 +38,6 @@ EMPTY_KEYS = {"auth": {}, "docker": {}, "initialization_commands": [], "setup_co
               "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
               "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
               "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": []}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_config(aws_yaml: Path, gcs_port: int) -> dict:
@@ -98,6 +91,9 @@ class FakeCluster:
 
 def start(tmp: Path, aws_yaml: Path = ROOT / "cluster" / "aws.yaml") -> FakeCluster:
     from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+    # Imported here: this file also runs as a script, where `tests` is not importable.
+    from tests.conftest import free_port
 
     port = free_port()
     cfg = fake_config(aws_yaml, port)
@@ -203,7 +199,7 @@ def main(address: str, config_path: str, records: str) -> None:
 
     # Ray Data CPU work (the preprocess reader + a map) while idle GPU nodes are up.
     opts = cpu_task_options(p)
-    ds = read_records(open_records(records, str(Path(records).parent), 2), opts).map_batches(
+    ds = read_records(open_records(records, str(Path(records).parent), 2), opts.get("label_selector")).map_batches(
         lambda b: {"node": [ray.get_runtime_context().get_node_id()] * len(b["line"])}, **opts)
     out["cpu"] = sorted(set(where(row["node"] for row in ds.take_all())))
     out["placed_s"] = round(time.time() - t0, 1)

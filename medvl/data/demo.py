@@ -183,7 +183,7 @@ def train_tokenizer(texts: list[str], output: str, vocab_size: int = 2000) -> No
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<s>", "</s>", "<unk>", "<pad>", "<image>", "<|im_start|>", "<|im_end|>"]
-    corpus = texts + [t.system + t.user_prefix + t.assistant_prefix for t in TEMPLATES.values()]
+    corpus = texts + [t.system + t.user + t.assistant + t.answer_prefix for t in TEMPLATES.values()]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, special_tokens=specials)
     tok = PreTrainedTokenizerFast(

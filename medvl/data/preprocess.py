@@ -22,7 +22,7 @@ import ray
 from medvl import config, storage
 from medvl.data import images, records, templates
 from medvl.data.sources import open_records, read_records
-from medvl.data.tokenize import IGNORE, Tokenized, encode_segments
+from medvl.data.tokenize import IGNORE, Tokenized, encode_turns
 from medvl.data.writer import ROW_GROUP_ROWS, ROW_SCHEMA, ShardSink
 from medvl.placement import Placement, cpu_task_options
 from medvl.tokenizer import load as load_tokenizer
@@ -79,8 +79,7 @@ def prepare(line_no: int, text: str, cfg: PreprocessConfig) -> Prepared | dict[s
         rec_id = records.record_id(raw) or rec_id
         rec = records.validate(raw)
         tok = load_tokenizer(cfg.tokenizer)
-        enc = encode_segments(templates.render(rec.turns, templates.get(cfg.template)), tok,
-                              cfg.num_image_tokens)
+        enc = encode_turns(rec.turns, templates.get(cfg.template), tok, cfg.num_image_tokens)
         enc.input_ids, enc.labels = _fit_length(enc.input_ids, enc.labels, cfg)
         return Prepared(rec_id, line_no, rec.image, records.image_uri(cfg.image_root, rec.image), enc)
     except records.Reject as r:
@@ -155,8 +154,8 @@ def preprocess(cfg: PreprocessConfig, placement: Placement | None = None) -> dic
     sink = ShardSink(cfg.output, records_in=raw.records, run_config=config.to_dict(cfg),
                      plain=cfg.template == "plain")
     where = cpu_task_options(placement or Placement())  # the same on every operator: they fuse
-    ds = read_records(raw, where).map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy",
-                                              batch_size=ROW_GROUP_ROWS, memory=cfg.task_memory_mb * 2**20,
-                                              **where)
+    ds = read_records(raw, where.get("label_selector"))
+    ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy",
+                        batch_size=ROW_GROUP_ROWS, memory=cfg.task_memory_mb * 2**20, **where)
     ds.write_datasink(sink, ray_remote_args=where)
     return sink.manifest

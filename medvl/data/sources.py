@@ -136,7 +136,8 @@ class RecordSource(Datasource):
                 for c in self.records.chunks]
 
 
-def read_records(records: RecordsFile, ray_remote_args: dict | None = None) -> ray.data.Dataset:
-    """One block per chunk (``override_num_blocks``: Ray would split a few big chunks)."""
+def read_records(records: RecordsFile, label_selector: dict[str, str] | None = None) -> ray.data.Dataset:
+    """One block per chunk (``override_num_blocks``: Ray would split a few big chunks), read
+    on the nodes ``label_selector`` picks (``placement.cpu_selector``)."""
     return ray.data.read_datasource(RecordSource(records), override_num_blocks=len(records.chunks),
-                                    ray_remote_args=ray_remote_args or {})
+                                    label_selector=label_selector or None)

@@ -1,57 +1,64 @@
-"""Conversation templates, rendered as segments so labels can never drift from tokens.
+"""Conversation templates: LLaVA's prompt strings, exactly, with the trained spans marked.
 
-LLaVA renders a whole conversation to one string, tokenizes it, then re-tokenizes pieces
-to guess where answers start; when the guesses disagree with the real tokenization the
-whole sample is silently masked (LLaVA #661/#1166). Here a conversation becomes a list
-of segments (prompt text, answer text, end-of-answer, image), each tokenized on its own
-and concatenated, so every token's label is known by construction. Serving builds its
-prompts with the same function.
+A conversation is rendered to the one string LLaVA v1.1.1 builds (``conv.get_prompt()``,
+after ``preprocess_multimodal`` moved ``<image>`` to the front of its turn), and the
+character span of every answer is recorded as the string is built. ``tokenize.encode``
+then tokenizes that string as LLaVA's ``tokenizer_image_token`` does (split only at
+``<image>``) and labels each token by the characters it covers, never by re-tokenising
+pieces: LLaVA's length arithmetic is what silently masks whole samples when a tokenizer
+does not behave like Llama-2's (LLaVA #661/#1166). Serving builds its prompts with the
+same function, so a generation prompt is the training sample up to its first label.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 IMAGE = "<image>"
-
-# Segment kinds. A question is prompt text too (never trained); its own kind lets the
-# token statistics count it from the same tokenisation.
-PROMPT, QUESTION, ANSWER, END, IMAGE_SLOT = "prompt", "question", "answer", "end", "image"
 
 
 @dataclass(frozen=True)
 class Template:
     name: str
-    system: str
-    user_prefix: str
-    assistant_prefix: str  # text between a question and its answer
-    answer_end: str | None  # text closing an answer; None = the tokenizer's EOS token
-    turn_sep: str = ""  # text after each answer, not trained
+    system: str  # text before the first turn
+    user: str  # before each question
+    assistant: str  # between a question and its answer: a generation prompt ends here
+    answer_prefix: str  # trained text before an answer (v1: the space after "ASSISTANT:")
+    answer_end: str | None  # closes an answer, trained; None = the tokenizer's EOS token
+    turn_sep: str = ""  # after each answer, not trained
     keep_question: bool = True  # "plain" keeps only the image from the human turn
 
 
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
 TEMPLATES = {
-    # Stage 1, feature alignment: image then caption (LLaVA "plain").
-    "plain": Template("plain", "", "", "", None, keep_question=False),
-    # Stage 2 of Qilin-Med-VL: Vicuna v1 (LLaVA "v1").
-    "v1": Template(
-        "v1",
-        "A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions. ",
-        "USER: ",
-        " ASSISTANT: ",
-        None,
-    ),
+    # Stage 1, feature alignment: "<image>" + caption + "\n" (LLaVA conv_llava_plain).
+    "plain": Template("plain", "", "", "", "", "\n", keep_question=False),
+    # Stage 2 of Qilin-Med-VL: LLaVA conv_vicuna_v1 (sep " ", sep2 "</s>"):
+    # "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>".
+    "v1": Template("v1", VICUNA_SYSTEM + " ", "USER: ", " ASSISTANT:", " ", None),
     # Qwen-style ChatML.
     "chatml": Template(
         "chatml",
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
         "<|im_start|>user\n",
         "<|im_end|>\n<|im_start|>assistant\n",
+        "",
         "<|im_end|>",
         turn_sep="\n",
     ),
 }
+
+
+@dataclass
+class Prompt:
+    """A rendered conversation: the text and, per answered turn, character spans."""
+
+    text: str
+    trained: list[tuple[int, int]] = field(default_factory=list)  # prefix + answer + end
+    questions: list[tuple[int, int]] = field(default_factory=list)  # for token statistics
+    answers: list[tuple[int, int]] = field(default_factory=list)
 
 
 def get(name: str) -> Template:
@@ -61,34 +68,38 @@ def get(name: str) -> Template:
         raise ValueError(f"unknown template {name!r}; choose from {sorted(TEMPLATES)}") from None
 
 
-def _question_segments(text: str, template: Template) -> list[tuple[str, str]]:
-    """A human turn -> prompt/image segments; ``<image>`` (and one newline after it) -> slot."""
-    segs: list[tuple[str, str]] = []
-    parts = text.split(IMAGE)
-    for i, part in enumerate(parts):
-        if i > 0:
-            segs.append((IMAGE_SLOT, ""))
-            part = part.removeprefix("\n")
-        if template.keep_question and part:
-            segs.append((QUESTION, part))
-    return segs
+def image_first(text: str) -> str:
+    """LLaVA's ``preprocess_multimodal``: a turn with ``<image>`` becomes ``<image>\\n`` + the
+    rest, stripped (a bare ``<image>`` stays bare)."""
+    if IMAGE not in text:
+        return text
+    return (IMAGE + "\n" + text.replace(IMAGE, "").strip()).strip()
 
 
-def render(turns: list[tuple[str, str | None]], template: Template) -> list[tuple[str, str]]:
-    """``[(question, answer), ...]`` -> ``[(kind, text), ...]``.
+def render(turns: list[tuple[str, str | None]], template: Template, eos: str) -> Prompt:
+    """``[(question, answer), ...]`` -> the prompt string and its spans. ``eos`` is the
+    tokenizer's EOS text (``</s>`` for Llama). A final ``answer`` of ``None`` leaves the
+    assistant turn open: the prompt for generation."""
+    out = Prompt(template.system)
 
-    A final ``answer`` of ``None`` leaves the assistant turn open: the prompt for generation.
-    """
-    segs: list[tuple[str, str]] = [(PROMPT, template.system)] if template.system else []
+    def add(text: str) -> tuple[int, int]:
+        start = len(out.text)
+        out.text += text
+        return start, len(out.text)
+
     for question, answer in turns:
-        if template.user_prefix:
-            segs.append((PROMPT, template.user_prefix))
-        segs += _question_segments(question, template)
-        if template.assistant_prefix:
-            segs.append((PROMPT, template.assistant_prefix))
+        add(template.user)
+        # "plain": the image alone stands for the human turn.
+        q = image_first(question) if template.keep_question else (IMAGE if IMAGE in question else "")
+        tag = len(q) - len(q.removeprefix(IMAGE).removeprefix("\n")) if q.startswith(IMAGE) else 0
+        start = add(q)[0]
+        span = (start + tag, len(out.text))  # the question without its image tag
+        add(template.assistant)
         if answer is None:
             break
-        segs += [(ANSWER, answer), (END, template.answer_end or "")]
-        if template.turn_sep:
-            segs.append((PROMPT, template.turn_sep))
-    return segs
+        start = add(template.answer_prefix)[0]
+        out.answers.append(add(answer))
+        out.trained.append((start, add(template.answer_end if template.answer_end is not None else eos)[1]))
+        out.questions.append(span)
+        add(template.turn_sep)
+    return out

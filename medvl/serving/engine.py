@@ -18,7 +18,7 @@ import torch
 from medvl import storage
 from medvl.data import templates
 from medvl.data.images import ImageSpec, load_image, normalize
-from medvl.data.tokenize import encode_segments
+from medvl.data.tokenize import encode_turns
 from medvl.model.build import load_hf
 from medvl.tokenizer import load as load_tokenizer
 
@@ -94,13 +94,13 @@ class Engine:
         self.template = templates.get(meta["template"])
         self.spec = ImageSpec(size=meta["image_size"], aspect=meta["aspect"])
         self.num_image_tokens = self.model.config.image_seq_length
-        end = self.template.answer_end  # tokens that close an answer: computed once, not per token
-        self.stop_ids = {self.tok.eos_token_id} | ({self.tok.convert_tokens_to_ids(end)} if end else set())
+        end = self.template.answer_end  # the token that closes an answer: found once, not per token
+        self.stop_ids = {self.tok.eos_token_id} | (
+            set(self.tok(end, add_special_tokens=False).input_ids[-1:]) if end else set())
 
     def prepare(self, req: Request, max_pixels: int = 50_000_000) -> Prepared:
         """Prompt ids (built by the training code path) and uint8 pixels; ``ImageError`` if bad."""
-        segs = templates.render(req.turns, self.template)
-        ids = encode_segments(segs, self.tok, self.num_image_tokens).input_ids
+        ids = encode_turns(req.turns, self.template, self.tok, self.num_image_tokens).input_ids
         spec = ImageSpec(self.spec.size, self.spec.aspect, max_pixels)
         pixels = load_image(req.image, "upload", spec) if req.image is not None else None
         return Prepared(req, ids, pixels)
@@ -150,6 +150,8 @@ class Engine:
         delta = dec.push(token)
         if step + 1 >= r.max_tokens:
             delta += dec.flush()
+        if not texts[i]:  # the space the template puts before an answer (v1) is not the answer's
+            delta = delta.lstrip()
         texts[i] += delta
         for s in r.stop:
             cut = texts[i].find(s)

@@ -10,7 +10,7 @@ import torch
 
 from medvl.data import templates
 from medvl.data.images import ImageSpec, load_image, normalize
-from medvl.data.tokenize import encode_segments
+from medvl.data.tokenize import encode_turns
 from medvl.model.build import build_tiny, save_hf
 from medvl.serving.engine import write_meta
 from tests.conftest import free_port
@@ -23,8 +23,7 @@ API_KEY = "sk-medvl-test"
 def teach(tok, steps: int = 150):
     """Overfit a tiny model on one (image, question) -> ANSWER pair, so greedy output is known."""
     model = build_tiny(tok).train()
-    segs = templates.render([(f"<image>\n{QUESTION}", ANSWER)], templates.get("v1"))
-    enc = encode_segments(segs, tok, model.config.image_seq_length)
+    enc = encode_turns([(f"<image>\n{QUESTION}", ANSWER)], templates.get("v1"), tok, model.config.image_seq_length)
     ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
     png = base64.b64decode(png_data_uri().split(",", 1)[1])  # the image the tests send
     pixels = torch.from_numpy(normalize(load_image(png, "x.png", ImageSpec(size=32))))[None]
