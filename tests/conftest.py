@@ -131,7 +131,7 @@ def spm_tokenizer_dir(tmp_path_factory, demo_dir):
     sp.train_from_iterator(texts + ["USER: ASSISTANT: A chat between"], vocab_size=800,
                            special_tokens=["<unk>", "<s>", "</s>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>")
+                                  unk_token="<unk>", add_bos_token=True)  # adds <s>, as Llama-2
     out = tmp_path_factory.mktemp("spm")
     tok.save_pretrained(out)
     return out

@@ -186,9 +186,9 @@ def train_tokenizer(texts: list[str], output: str, vocab_size: int = 2000) -> No
     corpus = texts + [t.system + t.user + t.assistant + t.answer_prefix for t in TEMPLATES.values()]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, special_tokens=specials)
-    tok = PreTrainedTokenizerFast(
+    tok = PreTrainedTokenizerFast(  # adds <s> itself, as Llama-2's does: LLaVA keeps that one BOS
         tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", additional_special_tokens=specials[4:],
+        pad_token="<pad>", additional_special_tokens=specials[4:], add_bos_token=True,
     )
     tok.save_pretrained(output)
 

@@ -130,11 +130,16 @@ def test_v1_generation_prompt_is_llavas_and_the_training_prefix(llama2):
 
 
 def test_where_llavas_round_arithmetic_fails_ours_does_not(bpe_tokenizer):
-    """A byte-level BPE without BOS (Qwen-like; our demo tokenizer): LLaVA's per-round lengths
+    """A byte-level BPE without BOS (Qwen-like; our demo tokenizer's vocabulary): LLaVA's per-round lengths
     (a BOS counted per round, "- 2" for BOS + a lone "▁") do not add up to the sample's length,
     so LLaVA masks the whole sample (its "tokenization mismatch", LLaVA #661/#1166). Ours
     trains on exactly " " + answer + EOS of every turn, with the same token ids."""
-    tok = bpe_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from medvl.tokenizer import prepare
+
+    tok = prepare(PreTrainedTokenizerFast(tokenizer_object=bpe_tokenizer.backend_tokenizer, eos_token="</s>",
+                                          add_bos_token=False))
     turns = [("<image>\n这是什么检查？", "胸部X线"), ("左侧还是右侧？", "右侧")]
     assert tok("").input_ids == []  # no BOS
     enc = encode_turns(turns, templates.get("v1"), tok, num_image_tokens=1)
@@ -177,6 +182,7 @@ def test_labels_decode_exactly_to_answers(tok_name, template, request):
     # Every trained token is the input token at that position (no drift).
     assert all(lab in (IGNORE, t) for t, lab in zip(enc.input_ids, enc.labels, strict=True))
     assert enc.input_ids.count(image_token_id(tok)) == 7
+    assert enc.input_ids[0] == tok.bos_token_id  # one BOS in front (the demo model collapsed without it)
     assert len(enc.answer_tokens) == len(turns) and all(n > 0 for n in enc.answer_tokens)
     assert all(n > 0 for n in enc.question_tokens) == tpl.keep_question
 
