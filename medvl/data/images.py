@@ -83,10 +83,14 @@ def fit(img: Image.Image, size: int, aspect: str) -> np.ndarray:
     the pad colour. Square greyscale images (most DICOM) resample one channel, not four.
     """
     w, h = img.size
-    if aspect == "crop":  # resize + centre crop, resampling only the kept box (a 20000x1
-        scale = size / min(w, h)  # image would resize to 6.7M x 336 pixels first)
-        rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+    if aspect == "crop":  # CLIPImageProcessor: shortest side to ``size``, the long side
+        # truncated (int, not round), centre crop; resampling only the kept box (a 20000x1
+        # image would resize to 6.7M x 336 pixels first)
+        long = int(size * max(w, h) / min(w, h))
+        rw, rh = (size, long) if w <= h else (long, size)
         left, top = (rw - size) // 2, (rh - size) // 2
+        if rw * rh <= 4 * size * size:  # ordinary shapes: CLIP's own resize, then the crop
+            return _rgb(img.resize((rw, rh), RESAMPLE).crop((left, top, left + size, top + size)))
         sx, sy = w / rw, h / rh
         box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
         return _rgb(img.resize((size, size), RESAMPLE, box=box))
