@@ -12,6 +12,7 @@ same function, so a generation prompt is the training sample up to its first lab
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 IMAGE = "<image>"
@@ -103,3 +104,28 @@ def render(turns: list[tuple[str, str | None]], template: Template, eos: str) ->
         out.questions.append(span)
         add(template.turn_sep)
     return out
+
+
+def chat_template(t: Template) -> str:
+    """The Jinja chat template of ``t``: what ``render`` builds, for transformers' and vLLM's
+    ``apply_chat_template`` (an image part puts ``<image>\\n`` in front of its turn's text;
+    system messages are ignored, as by ``medvl serve``: the template's own is the trained one)."""
+    q = json.dumps
+    end = q(t.answer_end) if t.answer_end is not None else "eos_token"
+    keep = "text" if t.keep_question else "''"
+    return (
+        "{{- " + q(t.system) + " -}}"
+        "{%- for m in messages if m['role'] != 'system' -%}"
+        "{%- if m['content'] is string -%}{%- set text = m['content'] -%}{%- set img = false -%}"
+        "{%- else -%}{%- set text = m['content'] | selectattr('type', 'equalto', 'text')"
+        " | map(attribute='text') | join('') -%}"
+        "{%- set img = (m['content'] | selectattr('type', 'equalto', 'image') | list | length) > 0 -%}"
+        "{%- endif -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{{- " + q(t.user) + " + ((('<image>\\n' + " + keep + ".strip()) | trim) if img else " + keep + ") -}}"
+        "{%- else -%}"
+        "{{- " + q(t.assistant + t.answer_prefix) + " + text + " + end + " + " + q(t.turn_sep) + " -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- " + q(t.assistant) + " -}}{%- endif -%}"
+    )

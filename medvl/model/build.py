@@ -18,18 +18,19 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
     LlavaProcessor,
     PreTrainedTokenizerBase,
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from medvl import storage
+from medvl.data import templates
 from medvl.data.images import CLIP_MEAN, CLIP_STD
 from medvl.tokenizer import image_token_id
 
@@ -108,24 +109,33 @@ def build_from_pretrained(vision_uri: str, llm_uri: str, tok: PreTrainedTokenize
     return model
 
 
-def processor_for(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase) -> LlavaProcessor:
-    """The HF processor saved beside the weights, so transformers/vLLM prepare inputs like we do."""
+def processor_for(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase, template: str = "v1",
+                  aspect: str = "pad") -> LlavaProcessor:
+    """The HF processor saved beside the weights, so transformers and vLLM alone prepare inputs
+    as we do: our pixels (``pad``: expanded to a square of the CLIP mean colour, LLaVA's
+    expand2square; ``crop``: CLIPImageProcessor's resize + centre crop), one image token per
+    patch (CLS dropped: ``num_additional_image_tokens=1`` with the ``default`` strategy) and the
+    conversation template as a chat template (on the tokenizer too)."""
     vision = model.config.vision_config
     size = vision.image_size
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+    image_processor = LlavaImageProcessorPil(
+        do_pad=aspect == "pad", size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
     )
+    chat = templates.chat_template(templates.get(template))
+    tok.chat_template = chat
     return LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=vision.patch_size,
-                          vision_feature_select_strategy="default")
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=chat)
 
 
-def save_hf(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase, uri: str) -> None:
+def save_hf(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase, uri: str, template: str = "v1",
+            aspect: str = "pad") -> None:
     """``save_pretrained`` (safetensors only) + tokenizer + processor, to a local or s3:// URI."""
     with tempfile.TemporaryDirectory(prefix="medvl-hf-") as tmp:
         local = tmp if storage.is_s3(uri) else storage.resolve(uri)[1]
         model.save_pretrained(local, safe_serialization=True)
-        processor_for(model, tok).save_pretrained(local)
+        processor_for(model, tok, template, aspect).save_pretrained(local)
         if storage.is_s3(uri):
             storage.copy_dir(local, uri)
 

@@ -94,8 +94,8 @@ def convert_llava(src: str, vision_tower: str, dst: str) -> LlavaForConditionalG
             mapped[new] = tensor
     mapped.update({f"model.vision_tower.{k}": v for k, v in vision.state_dict().items()})
     _load_exact(model, mapped, old_vocab=raw["vocab_size"])
-    save_hf(model, tok, dst)
     aspect = "pad" if raw.get("image_aspect_ratio") == "pad" else "crop"
+    save_hf(model, tok, dst, "v1", aspect)
     write_meta(dst, template="v1", aspect=aspect, image_size=vision.config.image_size)
     return model.eval()
 

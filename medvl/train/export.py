@@ -101,11 +101,12 @@ def export_hf(module: torch.nn.Module, tok, uri: str, rank: int, meta: dict,
             weight_map.update(dict.fromkeys(tensors, fname))
             total += sum(t.numel() * t.element_size() for t in tensors.values())
         if rank == 0:
-            _write_side_files(module, tok, uri, tmp, weight_map, total, len(shards) > 1)
+            _write_side_files(module, tok, uri, tmp, weight_map, total, len(shards) > 1, meta)
             write_meta(uri, **meta)
 
 
-def _write_side_files(module, tok, uri: str, tmp: str, weight_map: dict, total: int, sharded: bool) -> None:
+def _write_side_files(module, tok, uri: str, tmp: str, weight_map: dict, total: int, sharded: bool,
+                      meta: dict) -> None:
     """config (the training dtype, KV cache back on for inference), generation config,
     tokenizer + processor and, when sharded, the index."""
     side = os.path.join(tmp, "side")
@@ -115,7 +116,7 @@ def _write_side_files(module, tok, uri: str, tmp: str, weight_map: dict, total: 
     config.save_pretrained(side)
     if module.can_generate():
         module.generation_config.save_pretrained(side)
-    processor_for(module, tok).save_pretrained(side)
+    processor_for(module, tok, meta["template"], meta["aspect"]).save_pretrained(side)
     if sharded:
         with open(os.path.join(side, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
