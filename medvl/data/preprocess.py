@@ -25,6 +25,7 @@ from medvl.data.sources import open_records, read_records
 from medvl.data.tokenize import IGNORE, Tokenized, encode_turns
 from medvl.data.writer import ROW_GROUP_ROWS, ROW_SCHEMA, ShardSink
 from medvl.placement import Placement, cpu_task_options
+from medvl.tokenizer import image_token_id
 from medvl.tokenizer import load as load_tokenizer
 
 FETCH_THREADS = 16  # concurrent image reads per task
@@ -39,24 +40,34 @@ class PreprocessConfig:
     tokenizer: str = field(default="", metadata={"help": "HF tokenizer directory (URI)"})
     image_size: int = field(default=336, metadata={"help": "vision tower input size in pixels"})
     num_image_tokens: int = field(default=576, metadata={"help": "positions the image occupies in the sequence"})
-    max_length: int = field(default=2048, metadata={"help": "longest sample in tokens, image included"})
+    max_length: int = field(default=2048, metadata={
+        "help": "longest sample as LLaVA's model_max_length counts it: text tokens + 1 per image"})
     aspect: Literal["pad", "crop"] = field(default="pad", metadata={"help": "pad: expand to square with CLIP mean; crop: centre crop"})
-    overflow: Literal["reject", "truncate"] = field(default="reject", metadata={"help": "over-long samples: reject, or truncate keeping >=1 answer token"})
+    overflow: Literal["reject", "truncate"] = field(default="reject", metadata={"help": "over-long samples: reject, or truncate as LLaVA does (kept if >=1 answer token survives; counted as records_truncated)"})
     max_pixels: int = field(default=50_000_000, metadata={"help": "pixel-bomb guard: larger images are rejected"})
     shard_records: int = field(default=1024, metadata={"help": "records per Parquet shard (upper bound)"})
     task_memory_mb: int = field(default=1500, metadata={
         "help": "host memory one preprocess task declares to Ray (benchmarks/scale.py measures the peak)"})
 
 
-def _fit_length(ids: list[int], labels: list[int], cfg: PreprocessConfig) -> tuple[list[int], list[int]]:
-    if len(ids) <= cfg.max_length:
-        return ids, labels
-    detail = f"{len(ids)} tokens > max_length={cfg.max_length}"
+def _fit_length(ids: list[int], labels: list[int], image_id: int,
+                cfg: PreprocessConfig) -> tuple[list[int], list[int], str]:
+    """LLaVA's limit: ``model_max_length`` counts text tokens and one per image (the
+    ``<image>`` placeholder, not its ``num_image_tokens`` features), so the stored sequence
+    may hold ``num_image_tokens - 1`` more per image. Returns ids, labels and a note when the
+    sample was truncated (``overflow: truncate``, as LLaVA does)."""
+    images = ids.count(image_id) // cfg.num_image_tokens
+    limit = cfg.max_length + images * (cfg.num_image_tokens - 1)
+    if len(ids) <= limit:
+        return ids, labels, ""
+    detail = f"{len(ids) - limit + cfg.max_length} tokens (an image as 1) > max_length={cfg.max_length}"
     if cfg.overflow == "truncate":
-        ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-        if any(t != IGNORE for t in labels):
-            return ids, labels
-        detail += " and truncation would remove every answer token"
+        if ids[limit - 1] == image_id:
+            detail += " and the cut would split the image"
+        elif any(t != IGNORE for t in labels[:limit]):
+            return ids[:limit], labels[:limit], f"truncated: {detail}"
+        else:
+            detail += " and truncation would remove every answer token"
     raise records.Reject("too_long", detail)
 
 
@@ -69,6 +80,7 @@ class Prepared:
     image: str  # as the record names it
     uri: str
     tokens: Tokenized
+    note: str = ""  # set when the sample was truncated: kept, and counted in the manifest
 
 
 def prepare(line_no: int, text: str, cfg: PreprocessConfig) -> Prepared | dict[str, Any]:
@@ -80,8 +92,8 @@ def prepare(line_no: int, text: str, cfg: PreprocessConfig) -> Prepared | dict[s
         rec = records.validate(raw)
         tok = load_tokenizer(cfg.tokenizer)
         enc = encode_turns(rec.turns, templates.get(cfg.template), tok, cfg.num_image_tokens)
-        enc.input_ids, enc.labels = _fit_length(enc.input_ids, enc.labels, cfg)
-        return Prepared(rec_id, line_no, rec.image, records.image_uri(cfg.image_root, rec.image), enc)
+        enc.input_ids, enc.labels, note = _fit_length(enc.input_ids, enc.labels, image_token_id(tok), cfg)
+        return Prepared(rec_id, line_no, rec.image, records.image_uri(cfg.image_root, rec.image), enc, note)
     except records.Reject as r:
         return _row(rec_id, line_no, reason=r.reason, detail=r.detail)
 
@@ -105,7 +117,7 @@ def finish(p: Prepared | dict[str, Any], data: bytes | OSError | None, cfg: Prep
     except images.ImageError as e:
         return _row(p.id, p.line, reason=e.reason, detail=f"{p.image}: {e.detail}")
     t = p.tokens
-    return _row(p.id, p.line, input_ids=t.input_ids, labels=t.labels, pixels=pixels.tobytes(),
+    return _row(p.id, p.line, detail=p.note, input_ids=t.input_ids, labels=t.labels, pixels=pixels.tobytes(),
                 question_tokens=t.question_tokens, answer_tokens=t.answer_tokens)
 
 

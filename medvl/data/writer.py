@@ -51,7 +51,7 @@ class ShardSink(Datasink):
         rejects and the token counts in memory."""
         shard = f"shards/part-{ctx.task_idx:05d}.parquet"
         fs, path = storage.resolve(storage.join(self.output, shard))
-        out: dict[str, Any] = {"shard": "", "kept": 0, "rejects": [], "question_tokens": [],
+        out: dict[str, Any] = {"shard": "", "kept": 0, "truncated": 0, "rejects": [], "question_tokens": [],
                                "answer_tokens": [], "lengths": []}
         writer = None
         try:
@@ -67,6 +67,7 @@ class ShardSink(Datasink):
                     writer = pq.ParquetWriter(path, SHARD_SCHEMA, filesystem=fs, **SHARD_ENCODING)
                 writer.write_table(kept.select(SHARD_COLUMNS).cast(SHARD_SCHEMA), row_group_size=ROW_GROUP_ROWS)
                 out["kept"] += kept.num_rows
+                out["truncated"] += pc.sum(pc.not_equal(kept["detail"], "")).as_py() or 0  # kept, cut
                 out["question_tokens"] += pc.list_flatten(kept["question_tokens"]).to_pylist()
                 out["answer_tokens"] += pc.list_flatten(kept["answer_tokens"]).to_pylist()
                 out["lengths"] += kept["length"].to_pylist()
@@ -95,6 +96,7 @@ class ShardSink(Datasink):
             "records_in": self.records_in,
             "records_kept": kept,
             "records_rejected": len(rejects),
+            "records_truncated": sum(res["truncated"] for res in results),
             "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
             "shards": [res["shard"] for res in written],
             "shard_rows": [res["kept"] for res in written],

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from medvl import storage
-from medvl.data.preprocess import PreprocessConfig, preprocess
+from medvl.data.preprocess import PreprocessConfig, preprocess, process_one
 from medvl.data.records import REASONS
 from medvl.data.tokenize import IGNORE
 
@@ -121,7 +121,6 @@ MALFORMED = {
 
 @pytest.mark.parametrize("case", MALFORMED)
 def test_each_malformed_record_is_a_reject_never_an_exception(demo_dir, tmp_path, case):
-    from medvl.data.preprocess import process_one
 
     rec, reason = MALFORMED[case]
     row = process_one(7, json.dumps(rec, ensure_ascii=False), _cfg(demo_dir, "-", tmp_path))
@@ -139,7 +138,23 @@ def test_truncate_keeps_answer_tokens(demo_dir, tmp_path):
     # The long question pushes every answer token past max_length: still rejected, not emptied.
     assert m["records_kept"] == 1 and m["rejects_by_reason"] == {"too_long": 1}
     (row,) = _read_shards(tmp_path / "o")
-    assert row["length"] <= 100 and any(t != IGNORE for t in row["labels"])
+    assert row["length"] <= 100 + 15 and any(t != IGNORE for t in row["labels"])  # the image counts 1
+
+
+def test_length_limit_counts_the_image_as_one_token_as_llava(demo_dir, tmp_path):
+    """LLaVA's model_max_length counts the <image> placeholder, not its features: a sample of
+    exactly max_length by that count is kept whole; one token more is truncated (and said so)
+    or rejected."""
+    line = json.dumps(_good(0), ensure_ascii=False)
+    full = process_one(1, line, _cfg(demo_dir, "-", tmp_path, max_length=4096))
+    text_plus_image = full["length"] - 15  # 16 image positions count as 1
+    kept = process_one(1, line, _cfg(demo_dir, "-", tmp_path, max_length=text_plus_image))
+    assert (kept["reason"], kept["detail"], kept["length"]) == ("", "", full["length"])
+    cut = process_one(1, line, _cfg(demo_dir, "-", tmp_path, max_length=text_plus_image - 1, overflow="truncate"))
+    assert cut["reason"] == "" and cut["detail"].startswith("truncated") and cut["length"] == full["length"] - 1
+    assert cut["input_ids"] == full["input_ids"][:-1]
+    over = process_one(1, line, _cfg(demo_dir, "-", tmp_path, max_length=text_plus_image - 1))
+    assert over["reason"] == "too_long" and f"{text_plus_image} tokens" in over["detail"]
 
 
 def test_json_array_and_jsonl_give_the_same_shards(demo_dir, tmp_path):
