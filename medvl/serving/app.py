@@ -43,7 +43,7 @@ async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
     first = e.errors()[0] if e.errors() else {}
     where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
     msg = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid")
-    return JSONResponse(APIError(400, msg, code="invalid_request").body(), status_code=400)
+    return JSONResponse(APIError(400, msg, code="invalid_request", param=where or None).body(), status_code=400)
 
 
 def load_api_keys(cfg: ServeConfig) -> set[str]:
@@ -99,9 +99,17 @@ class ChatDeployment:
         chunks = self._generate(prepared)
         if body.stream:
             return StreamingResponse(self._sse(chunks), media_type="text/event-stream")
-        async for chunk in chunks:
-            if chunk.result is not None:
-                return completion_body(chunk.result, self.cfg.model_name)
+        try:
+            async for chunk in chunks:
+                if chunk.error is not None:
+                    raise APIError(500, chunk.error, "server_error", "generation_failed")
+                if chunk.result is not None:
+                    return completion_body(chunk.result, self.cfg.model_name)
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the whole batch failed: an OpenAI-shaped 500, not a bare one
+            raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error",
+                           "generation_failed") from e
         raise APIError(500, "generation ended without a result", "server_error")
 
     def _prepare(self, body: ChatCompletionRequest) -> Prepared:
@@ -120,13 +128,19 @@ class ChatDeployment:
         cid, model = f"chatcmpl-{uuid.uuid4().hex}", self.cfg.model_name
         first = chunk_body(cid, model, {"role": "assistant", "content": ""}, None)
         yield f"data: {json.dumps(first, ensure_ascii=False)}\n\n"
-        async for chunk in chunks:
-            if chunk.delta:
-                body = chunk_body(cid, model, {"content": chunk.delta}, None)
-                yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-            if chunk.result is not None:
-                body = chunk_body(cid, model, {}, chunk.result.finish_reason)
-                yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        try:
+            async for chunk in chunks:
+                if chunk.error is not None:
+                    raise RuntimeError(chunk.error)
+                if chunk.delta:
+                    body = chunk_body(cid, model, {"content": chunk.delta}, None)
+                    yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+                if chunk.result is not None:
+                    body = chunk_body(cid, model, {}, chunk.result.finish_reason)
+                    yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        except Exception as e:  # noqa: BLE001 - the stream ends with an error event, never cut
+            err = APIError(500, f"generation failed: {e}", "server_error", "generation_failed").body()
+            yield f"data: {json.dumps(err, ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)

@@ -23,6 +23,7 @@ from medvl.model.build import load_hf
 from medvl.tokenizer import load as load_tokenizer
 
 META_FILE = "medvl.json"  # template and image settings written beside an exported model
+MIN_TEMPERATURE = 1e-4  # sampling below this is greedy decoding
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Result:
 class Chunk:
     delta: str
     result: Result | None = None  # set on a request's last chunk
+    error: str | None = None  # set instead when this request failed (the others go on)
 
 
 class IncrementalDecoder:
@@ -110,7 +112,7 @@ class Engine:
         """Decode all requests together, yielding one chunk per unfinished request per step."""
         reqs = [p.req for p in batch]
         ids, mask, pixels = self._collate(batch)
-        gens = [torch.Generator().manual_seed(r.seed if r.seed is not None else 0) for r in reqs]
+        gens = [_generator(r) for r in reqs]
         decoders = [IncrementalDecoder(self.tok) for _ in reqs]
         done = [False] * len(reqs)
         texts = [""] * len(reqs)
@@ -121,11 +123,15 @@ class Engine:
         logits = out.logits[:, -1]
         while True:
             logits = logits.float().cpu()  # sampling (and its seeded generators) on the CPU
-            next_ids = [self._sample(logits[i], reqs[i], gens[i]) for i in range(len(reqs))]
+            next_ids = [self._sample_or_error(logits[i], reqs[i], gens[i]) for i in range(len(reqs))]
             chunks: list[Chunk | None] = []
             for i, (r, t) in enumerate(zip(reqs, next_ids, strict=True)):
                 if done[i]:
                     chunks.append(None)
+                    continue
+                if isinstance(t, str):  # this request's sampling failed: it alone ends
+                    done[i] = True
+                    chunks.append(Chunk("", error=t))
                     continue
                 delta, reason = self._advance(i, r, t, decoders[i], texts, step)
                 done[i] = reason is not None
@@ -135,6 +141,7 @@ class Engine:
             step += 1
             if all(done):
                 return
+            next_ids = [t if isinstance(t, int) else self.tok.pad_token_id for t in next_ids]  # failed: a placeholder
             mask = torch.cat([mask, mask.new_ones(len(reqs), 1)], dim=1)
             positions = positions[:, -1:] + 1
             out = self.model(input_ids=torch.tensor(next_ids, device=self.device)[:, None], attention_mask=mask,
@@ -161,14 +168,26 @@ class Engine:
                 return delta, "stop"
         return delta, ("length" if step + 1 >= r.max_tokens else None)
 
+    def _sample_or_error(self, logits: torch.Tensor, r: Request, gen: torch.Generator | str) -> int | str:
+        """The next token of one request, or why it cannot have one: a failure here ends
+        that request, never its batch."""
+        try:
+            if isinstance(gen, str):
+                raise ValueError(gen)
+            return self._sample(logits, r, gen)
+        except (RuntimeError, ValueError, OverflowError) as e:
+            return f"sampling failed: {e}"
+
     @staticmethod
     def _sample(logits: torch.Tensor, r: Request, gen: torch.Generator) -> int:
-        if r.temperature <= 0:
+        # Below this the distribution is the argmax's to float precision (and 1/T overflows).
+        if r.temperature < MIN_TEMPERATURE:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float() / r.temperature, dim=-1)
+        probs = torch.softmax(logits.double() / r.temperature, dim=-1)
         if r.top_p < 1.0:
             sorted_p, idx = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < r.top_p
+            keep[0] = True  # the most likely token, whatever top_p (a tiny one would keep none)
             probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=gen))
 
@@ -185,6 +204,14 @@ class Engine:
         if pixels is not None:
             pixels = pixels.to(self.device, self.model.dtype)
         return ids.to(self.device), mask.to(self.device), pixels
+
+
+def _generator(r: Request) -> torch.Generator | str:
+    """The request's seeded sampling generator, or why its seed is unusable."""
+    try:
+        return torch.Generator().manual_seed(r.seed if r.seed is not None else 0)
+    except (RuntimeError, ValueError, OverflowError) as e:
+        return f"seed {r.seed}: {e}"
 
 
 def _read_meta(model, uri: str) -> dict:

@@ -128,6 +128,35 @@ def test_bounded_concurrent_load_has_zero_errors(server):
     assert results == [alone] * 64  # batching does not change greedy answers
 
 
+def test_hostile_sampling_values_fail_alone_never_their_batch(server):
+    """Sent together with ordinary requests (one Serve batch): a seed past 2^63 is a 400
+    naming `seed`; a temperature near 1e-38 and a top_p below float precision decode as
+    their limits (greedy). Every ordinary request still gets the answer, every stream its
+    [DONE] (before: 16-21 of 21 unrelated requests got 500s, streams were cut)."""
+    def post(extra, stream=False):
+        body = {"model": "medvl", "messages": _messages(), "max_tokens": 32, "stream": stream, **extra}
+        r = requests.post(f"{server}/v1/chat/completions", json=body, headers=HEADERS, timeout=120)
+        if not stream or r.status_code != 200:
+            return r.status_code, r.json()
+        lines = [x[len("data: "):] for x in r.text.split("\n") if x.startswith("data: ")]
+        text = "".join(json.loads(x)["choices"][0]["delta"].get("content") or "" for x in lines[:-1])
+        return r.status_code, {"stream": text, "done": lines[-1] == "[DONE]"}
+
+    hostile = [({"seed": 2**63}, False), ({"temperature": 1e-38, "seed": 3}, False),
+               ({"temperature": 1.0, "top_p": 1e-46, "seed": 4}, True)]
+    ordinary = [({}, i % 2 == 1) for i in range(12)]
+    with ThreadPoolExecutor(15) as pool:
+        results = list(pool.map(lambda a: post(*a), hostile + ordinary))
+    (seed_status, seed_err), *rest = results
+    assert seed_status == 400 and seed_err["error"]["param"] == "seed"
+    for (status, body), (_, stream) in zip(rest, hostile[1:] + ordinary, strict=True):
+        assert status == 200, body
+        if stream:
+            assert body == {"stream": ANSWER, "done": True}
+        else:
+            assert body["choices"][0]["message"]["content"] == ANSWER
+
+
 def test_killed_replica_is_replaced(server):
     """Force-kill the replica's worker process; the Serve controller starts a new one."""
     import ray

@@ -79,3 +79,20 @@ def test_sampling_uses_seed_temperature_and_top_p(engine):
     assert len(sampled) > 1  # the seed is used
     assert sampled != {greedy}  # temperature > 0 samples
     assert ask(temperature=1.0, top_p=1e-6, seed=3) == greedy  # top_p keeps only the top token
+
+
+def test_one_failing_request_ends_alone_and_extreme_sampling_values_work(engine):
+    """A seed no generator takes fails only its own request; a temperature near 1e-38 and a
+    top_p below float precision (each raised inside the batch loop, failing every request of
+    the batch) decode as the limits they approach: greedy."""
+    def req(**kw):
+        return Request(turns=[("<image>\n这是什么检查？", None)], image=_png(), max_tokens=6, **kw)
+
+    greedy = _run(engine, [req()])[0][0]
+    batch = [req(), req(seed=2**64), req(temperature=1e-38, seed=1), req(temperature=1.0, top_p=1e-46, seed=2)]
+    chunks = [[c for c in step] for step in engine.generate_batch([engine.prepare(r) for r in batch])]
+    errors = [next((c.error for step in chunks if (c := step[i]) is not None and c.error), None) for i in range(4)]
+    assert errors[0] is None and errors[2] is None and errors[3] is None
+    assert errors[1] and "seed" in errors[1]
+    streamed, results = _run(engine, [batch[0], batch[2], batch[3]])
+    assert streamed == [greedy] * 3 and all(results)
