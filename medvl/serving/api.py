@@ -30,6 +30,7 @@ class ServeConfig:
     model_name: str = field(default="medvl", metadata={"help": "id clients pass as `model`"})
     backend: Literal["medvl", "vllm"] = field(default="medvl", metadata={"help": "medvl (CPU/GPU, ours) or vllm (GPU, ray.serve.llm)"})
     max_body_bytes: int = field(default=20_000_000, metadata={"help": "largest request body"})
+    body_timeout_s: float = field(default=30.0, metadata={"help": "time a client has to send its whole body (408 after)"})
     max_image_bytes: int = field(default=10_000_000, metadata={"help": "largest decoded image payload"})
     max_image_pixels: int = field(default=50_000_000, metadata={"help": "pixel-bomb guard"})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "longest prompt, image included"})

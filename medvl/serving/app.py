@@ -7,6 +7,7 @@ into dynamic batches by ``@serve.batch``; one decoding loop streams every reques
 batch at once.
 """
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -67,14 +68,35 @@ class ChatDeployment:
         self._generate.set_max_batch_size(cfg.max_batch_size)
         self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
-    def _check(self, request: Request, body_len: int) -> None:
+    def _check(self, request: Request) -> None:
+        """The API key, from the headers alone: nothing is read for a caller without one."""
         if self.keys:
             auth = request.headers.get("authorization", "")
             if not auth.startswith("Bearer ") or auth[len("Bearer "):] not in self.keys:
                 raise APIError(401, "missing or invalid API key", "authentication_error", "invalid_api_key")
-        if body_len > self.cfg.max_body_bytes:
-            raise APIError(413, f"request body larger than {self.cfg.max_body_bytes} bytes",
-                           code="request_too_large")
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused as soon as it (or its Content-Length) passes the size limit, and
+        only as long as the client sends it within ``body_timeout_s``: a half-sent upload
+        holds a replica slot for seconds, not forever."""
+        limit = self.cfg.max_body_bytes
+        too_large = APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise too_large
+
+        async def read() -> bytes:
+            body = bytearray()
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise too_large
+            return bytes(body)
+
+        try:
+            return await asyncio.wait_for(read(), self.cfg.body_timeout_s)
+        except TimeoutError:
+            raise APIError(408, f"request body not received within {self.cfg.body_timeout_s:g} s",
+                           code="request_timeout") from None
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -82,14 +104,14 @@ class ChatDeployment:
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
-        self._check(request, 0)
+        self._check(request)
         return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model",
                                             "owned_by": "medvl"}]}
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        raw = await request.body()
-        self._check(request, len(raw))
+        self._check(request)
+        raw = await self._read_body(request)
         try:
             body = ChatCompletionRequest.model_validate_json(raw)
         except ValueError as e:  # pydantic.ValidationError is a ValueError; so is bad JSON

@@ -56,7 +56,7 @@ def server(ray_cluster, taught_model_dir, tmp_path_factory):
     keyfile.write_text(API_KEY + "\n")
     cfg = ServeConfig(model=taught_model_dir, max_body_bytes=200_000, max_image_bytes=100_000,
                       max_image_pixels=1_000_000, max_prompt_tokens=200, max_tokens_cap=32,
-                      api_key_file=str(keyfile))
+                      api_key_file=str(keyfile), body_timeout_s=3)
     port = free_port()
     run_local(cfg, port=port, blocking=False, options={"ray_actor_options": {"num_cpus": 0.5}})
     url = f"http://127.0.0.1:{port}"

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -155,6 +156,36 @@ def test_hostile_sampling_values_fail_alone_never_their_batch(server):
             assert body == {"stream": ANSWER, "done": True}
         else:
             assert body["choices"][0]["message"]["content"] == ANSWER
+
+
+def _half_sent(server: str, headers: str = "") -> socket.socket:
+    """A POST whose headers promise 150 kB of body, of which 10 bytes are sent."""
+    port = int(server.rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
+               "Content-Type: application/json\r\nContent-Length: 150000\r\n\r\n{\"model\": ").encode())
+    return s
+
+
+def test_half_sent_uploads_are_refused_before_their_body(server):
+    """70 uploads without a key, their bodies never finished (more than a replica's 64
+    ongoing requests): each gets its 401 from the headers alone, and an authenticated
+    request is answered meanwhile; one with a key but a stalled body gets a 408 in
+    body_timeout_s (before: every request timed out until the uploads closed)."""
+    socks = [_half_sent(server) for _ in range(70)]
+    stalled = _half_sent(server, f"Authorization: Bearer {API_KEY}\r\n")
+    try:
+        t0 = time.time()
+        r = requests.post(f"{server}/v1/chat/completions", headers=HEADERS, timeout=30,
+                          json={"model": "medvl", "messages": _messages(), "max_tokens": 32})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWER
+        assert time.time() - t0 < 15
+        for s in socks[:5] + socks[-5:]:
+            assert s.recv(4096).split(b"\r\n")[0].endswith(b"401 Unauthorized")
+        assert stalled.recv(4096).split(b"\r\n")[0].endswith(b"408 Request Timeout")
+    finally:
+        for s in [*socks, stalled]:
+            s.close()
 
 
 def test_killed_replica_is_replaced(server):
