@@ -101,7 +101,9 @@ def dicom_to_array(data: bytes, spec: ImageSpec) -> np.ndarray:
     Sizes are checked from the header, and only the first frame is decoded (a small
     compressed multi-frame file can hold gigabytes of frames)."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        # force: a file without the 128-byte preamble + "DICM" (many PACS exports) is still
+        # DICOM when its name or MIME type says so; a non-DICOM one fails on Rows below.
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
         rows, cols = int(ds.Rows), int(ds.Columns)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken files
         raise ImageError("corrupt_image", f"not a readable DICOM image: {type(e).__name__}: {e}") from e

@@ -83,28 +83,49 @@ class ChatCompletionRequest(BaseModel):
 DATA_URI = re.compile(r"^data:(?P<mime>[\w/.+-]+)?(;[\w=.-]+)*;base64,(?P<data>.*)$", re.S)
 
 
-def image_bytes(url: str, cfg: ServeConfig) -> bytes:
-    """A ``data:`` URI's payload; remote URLs only from allow-listed hosts (no SSRF)."""
+def image_bytes(url: str, cfg: ServeConfig) -> tuple[bytes, str]:
+    """A ``data:`` URI's payload and a file name for the decoder (``.dcm`` for
+    ``application/dicom``, which needs no preamble); remote URLs only from allow-listed hosts,
+    redirects included (no SSRF)."""
     m = DATA_URI.match(url)
     if m is None:
-        host = urlparse(url).hostname or ""
-        if urlparse(url).scheme in ("http", "https") and host in cfg.allowed_image_hosts:
-            return _fetch(url, cfg.max_image_bytes)
+        if _allowed(url, cfg):
+            return _fetch(url, cfg), "remote"
         raise APIError(400, "image_url must be a data:...;base64 URI (remote URLs are not allowed)",
-                       code="invalid_image_url")
+                       code="invalid_image_url", param="messages")
     if len(m["data"]) * 3 // 4 > cfg.max_image_bytes:
         raise APIError(413, f"image larger than {cfg.max_image_bytes} bytes", code="image_too_large")
     try:
-        return base64.b64decode(m["data"], validate=True)
+        data = base64.b64decode(m["data"], validate=True)
     except (binascii.Error, ValueError) as e:
         raise APIError(400, f"image_url is not valid base64: {e}", code="invalid_base64") from e
+    return data, "upload.dcm" if (m["mime"] or "").lower() == "application/dicom" else "upload"
 
 
-def _fetch(url: str, limit: int) -> bytes:
+def _allowed(url: str, cfg: ServeConfig) -> bool:
+    parts = urlparse(url)
+    return parts.scheme in ("http", "https") and (parts.hostname or "") in cfg.allowed_image_hosts
+
+
+def _fetch(url: str, cfg: ServeConfig) -> bytes:
+    """GET an allow-listed image; a redirect must stay on the allow-list; a failed fetch is
+    the client's 400, not a 500."""
+    import urllib.error
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - host is allow-listed
-        data = r.read(limit + 1)
+    class Guard(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            if not _allowed(newurl, cfg):
+                raise APIError(400, f"image_url redirects to {urlparse(newurl).hostname!r}, "
+                                    "which is not an allowed image host", code="invalid_image_url")
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    limit = cfg.max_image_bytes
+    try:
+        with urllib.request.build_opener(Guard).open(url, timeout=10) as r:  # noqa: S310 - allow-listed
+            data = r.read(limit + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise APIError(400, f"image_url could not be fetched: {e}", code="image_fetch_failed") from e
     if len(data) > limit:
         raise APIError(413, f"image larger than {limit} bytes", code="image_too_large")
     return data
@@ -116,6 +137,7 @@ def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
         raise APIError(404, f"model {req.model!r} does not exist; this server has {cfg.model_name!r}",
                        code="model_not_found")
     image: bytes | None = None
+    image_name = "upload"
     turns: list[tuple[str, str | None]] = []
     question: list[str] = []
     for msg in req.messages:
@@ -129,7 +151,7 @@ def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
             elif msg.role != "user" or part.image_url is None or image is not None:
                 raise APIError(400, "exactly one image_url part, in a user message, is supported")
             else:
-                image = image_bytes(part.image_url.url, cfg)
+                image, image_name = image_bytes(part.image_url.url, cfg)
         # A literal "<image>" typed by a user must not become image tokens.
         text = text.replace(IMAGE, "")
         if msg.role == "user":
@@ -143,7 +165,7 @@ def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
     if image is not None:  # training puts <image> at the start of the first human turn
         turns[0] = (f"{IMAGE}\n{turns[0][0]}", turns[0][1])
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return Request(turns=turns, image=image, max_tokens=min(req.max_tokens or cfg.max_tokens_cap,
+    return Request(turns=turns, image=image, image_name=image_name, max_tokens=min(req.max_tokens or cfg.max_tokens_cap,
                                                             cfg.max_tokens_cap),
                    temperature=req.temperature, top_p=req.top_p, stop=stop, seed=req.seed)
 

@@ -30,6 +30,7 @@ MIN_TEMPERATURE = 1e-4  # sampling below this is greedy decoding
 class Request:
     turns: list[tuple[str, str | None]]  # last answer None: the turn to generate
     image: bytes | None = None
+    image_name: str = "upload"  # "upload.dcm" when the client said DICOM (application/dicom)
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
@@ -104,7 +105,7 @@ class Engine:
         """Prompt ids (built by the training code path) and uint8 pixels; ``ImageError`` if bad."""
         ids = encode_turns(req.turns, self.template, self.tok, self.num_image_tokens).input_ids
         spec = ImageSpec(self.spec.size, self.spec.aspect, max_pixels)
-        pixels = load_image(req.image, "upload", spec) if req.image is not None else None
+        pixels = load_image(req.image, req.image_name, spec) if req.image is not None else None
         return Prepared(req, ids, pixels)
 
     @torch.inference_mode()

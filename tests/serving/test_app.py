@@ -99,6 +99,21 @@ def test_bad_input_is_a_4xx_openai_error(server, case):
     assert err["message"] and err["type"]
 
 
+def test_dicom_without_its_preamble_is_read_by_its_mime_type(server):
+    """Many PACS exports omit the 128-byte preamble and "DICM": the data URL's
+    application/dicom says what it is (it was a 400 "not an image")."""
+    from pydicom.data import get_testdata_file
+
+    with open(get_testdata_file("CT_small.dcm"), "rb") as f:
+        raw = f.read()
+    assert raw[128:132] == b"DICM"
+    bare = raw[132:]  # the meta group and data set, no preamble
+    url = "data:application/dicom;base64," + base64.b64encode(bare).decode()
+    r = requests.post(f"{server}/v1/chat/completions", headers=HEADERS, timeout=60,
+                      json={"model": "medvl", "messages": _messages(url), "max_tokens": 4})
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
 def test_auth_required(server, headers):
     r = requests.post(f"{server}/v1/chat/completions", json={"model": "medvl", "messages": _messages()},
