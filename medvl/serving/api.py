@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
 from medvl.data.templates import IMAGE
 from medvl.serving.engine import Request, Result
@@ -65,19 +65,41 @@ class ContentPart(BaseModel):
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer "system"
+    content: str | list[ContentPart] | None = None  # None: an assistant turn that called a tool
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(BaseModel):
     model: str
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer max_tokens
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)  # what every engine's generator takes
-    stream: bool = False
+    stream: StrictBool = False  # "yes" is not a boolean
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+    # Known OpenAI parameters this server does not honour: accepted only at their defaults,
+    # so a client relying on one gets a 400 naming it rather than a silently different answer.
+    logprobs: Literal[False] | None = None
+    top_logprobs: Literal[0] | None = None
+    tools: list[Any] | None = Field(default=None, max_length=0)
+    tool_choice: Literal["none"] | None = None
+    functions: list[Any] | None = Field(default=None, max_length=0)
+    response_format: dict[str, Literal["text"]] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
+    presence_penalty: Literal[0, 0.0] | None = None
+    frequency_penalty: Literal[0, 0.0] | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 DATA_URI = re.compile(r"^data:(?P<mime>[\w/.+-]+)?(;[\w=.-]+)*;base64,(?P<data>.*)$", re.S)
@@ -141,9 +163,10 @@ def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
     turns: list[tuple[str, str | None]] = []
     question: list[str] = []
     for msg in req.messages:
-        if msg.role == "system":
+        if msg.role in ("system", "developer"):
             continue  # the template carries the system prompt the model was trained with
-        parts = [ContentPart(type="text", text=msg.content)] if isinstance(msg.content, str) else msg.content
+        content = msg.content if msg.content is not None else ""
+        parts = [ContentPart(type="text", text=content)] if isinstance(content, str) else content
         text = ""
         for part in parts:
             if part.type == "text":
@@ -165,7 +188,7 @@ def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
     if image is not None:  # training puts <image> at the start of the first human turn
         turns[0] = (f"{IMAGE}\n{turns[0][0]}", turns[0][1])
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return Request(turns=turns, image=image, image_name=image_name, max_tokens=min(req.max_tokens or cfg.max_tokens_cap,
+    return Request(turns=turns, image=image, image_name=image_name, max_tokens=min(req.token_limit or cfg.max_tokens_cap,
                                                             cfg.max_tokens_cap),
                    temperature=req.temperature, top_p=req.top_p, stop=stop, seed=req.seed)
 
@@ -177,11 +200,21 @@ def completion_body(result: Result, model: str) -> dict[str, Any]:
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                      "finish_reason": result.finish_reason}],
-        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                  "total_tokens": result.prompt_tokens + result.completion_tokens},
+        "usage": usage(result),
     }
 
 
-def chunk_body(cid: str, model: str, delta: dict, finish_reason: str | None) -> dict[str, Any]:
-    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+def usage(result: Result) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def chunk_body(cid: str, model: str, delta: dict | None, finish_reason: str | None,
+               result: Result | None = None) -> dict[str, Any]:
+    """A stream chunk; ``delta=None`` is the usage chunk (``stream_options.include_usage``):
+    no choices, the usage."""
+    body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    if result is not None:
+        body["usage"] = usage(result)
+    return body

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medvl import config, storage
 from medvl.data.images import ImageError
@@ -34,9 +35,38 @@ from medvl.serving.engine import Chunk, Engine, Prepared
 api = FastAPI(title="medvl", description="OpenAI-compatible multimodal chat for medical images")
 
 
+def _openapi() -> dict:
+    """The generated spec plus what the raw-body route hides from FastAPI: the request
+    model as its body, and the bearer-key scheme."""
+    if api.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        spec = get_openapi(title=api.title, version="1", description=api.description, routes=api.routes)
+        schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(schema.pop("$defs", {}))
+        schemas["ChatCompletionRequest"] = schema
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        spec["security"] = [{"bearer": []}]
+        spec["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}
+        api.openapi_schema = spec
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
+
 @api.exception_handler(APIError)
 async def _api_error(_: Request, e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in OpenAI's error shape too."""
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return JSONResponse(APIError(e.status_code, str(e.detail), code=kind).body(), status_code=e.status_code)
 
 
 @api.exception_handler(RequestValidationError)
@@ -105,8 +135,17 @@ class ChatDeployment:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._check(request)
-        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model",
-                                            "owned_by": "medvl"}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    @api.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request) -> dict:
+        self._check(request)
+        if model_id != self.cfg.model_name:
+            raise APIError(404, f"model {model_id!r} does not exist", code="model_not_found", param="model")
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        return {"id": self.cfg.model_name, "object": "model", "created": 0, "owned_by": "medvl"}
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -120,7 +159,8 @@ class ChatDeployment:
         prepared = self._prepare(body)
         chunks = self._generate(prepared)
         if body.stream:
-            return StreamingResponse(self._sse(chunks), media_type="text/event-stream")
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._sse(chunks, usage), media_type="text/event-stream")
         try:
             async for chunk in chunks:
                 if chunk.error is not None:
@@ -146,7 +186,7 @@ class ChatDeployment:
                                 f"{self.cfg.max_prompt_tokens}", code="context_length_exceeded")
         return prepared
 
-    async def _sse(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
+    async def _sse(self, chunks: AsyncIterator[Chunk], include_usage: bool) -> AsyncIterator[str]:
         cid, model = f"chatcmpl-{uuid.uuid4().hex}", self.cfg.model_name
         first = chunk_body(cid, model, {"role": "assistant", "content": ""}, None)
         yield f"data: {json.dumps(first, ensure_ascii=False)}\n\n"
@@ -160,6 +200,9 @@ class ChatDeployment:
                 if chunk.result is not None:
                     body = chunk_body(cid, model, {}, chunk.result.finish_reason)
                     yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+                    if include_usage:  # stream_options.include_usage: one more chunk, no choices
+                        body = chunk_body(cid, model, None, None, chunk.result)
+                        yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
         except Exception as e:  # noqa: BLE001 - the stream ends with an error event, never cut
             err = APIError(500, f"generation failed: {e}", "server_error", "generation_failed").body()
             yield f"data: {json.dumps(err, ensure_ascii=False)}\n\n"

@@ -117,6 +117,7 @@ class Engine:
         decoders = [IncrementalDecoder(self.tok) for _ in reqs]
         done = [False] * len(reqs)
         texts = [""] * len(reqs)
+        sent = [0] * len(reqs)  # characters of each text already streamed
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          pixel_values=pixels, use_cache=True)
@@ -134,7 +135,7 @@ class Engine:
                     done[i] = True
                     chunks.append(Chunk("", error=t))
                     continue
-                delta, reason = self._advance(i, r, t, decoders[i], texts, step)
+                delta, reason = self._advance(i, r, t, decoders[i], texts, sent, step)
                 done[i] = reason is not None
                 result = Result(texts[i], reason, len(batch[i].ids), step + 1) if reason else None
                 chunks.append(Chunk(delta, result))
@@ -149,25 +150,22 @@ class Engine:
                              position_ids=positions, cache=cache, use_cache=True)
             cache, logits = out.cache, out.logits[:, -1]
 
-    def _advance(self, i, r: Request, token: int, dec: IncrementalDecoder, texts, step):
-        """Append one token to request ``i``; return (delta, finish reason or None)."""
-        if token in self.stop_ids:
-            delta = dec.flush()
-            texts[i] += delta
-            return delta, "stop"
-        delta = dec.push(token)
-        if step + 1 >= r.max_tokens:
-            delta += dec.flush()
-        if not texts[i]:  # the space the template puts before an answer (v1) is not the answer's
-            delta = delta.lstrip()
-        texts[i] += delta
-        for s in r.stop:
-            cut = texts[i].find(s)
-            if cut >= 0:
-                delta = delta[: max(0, len(delta) - (len(texts[i]) - cut))]
-                texts[i] = texts[i][:cut]
-                return delta, "stop"
-        return delta, ("length" if step + 1 >= r.max_tokens else None)
+    def _advance(self, i, r: Request, token: int, dec: IncrementalDecoder, texts, sent, step):
+        """Append one token to request ``i``; return (delta, finish reason or None). Text that
+        could be the start of a stop string is held back until it cannot, so a stop string
+        split across tokens never leaks into a stream."""
+        stopped, last = token in self.stop_ids, step + 1 >= r.max_tokens
+        piece = dec.flush() if stopped else dec.push(token) + (dec.flush() if last else "")
+        # The space the template puts before an answer (v1) is not the answer's.
+        text = texts[i] + piece if texts[i] else piece.lstrip()
+        reason = "stop" if stopped else "length" if last else None
+        for stop in r.stop:
+            if (cut := text.find(stop)) >= 0:
+                text, reason = text[:cut], "stop"
+        texts[i] = text
+        end = len(text) if reason else len(text) - _held(text, r.stop)
+        delta, sent[i] = text[sent[i]:end], max(sent[i], end)
+        return delta, reason
 
     def _sample_or_error(self, logits: torch.Tensor, r: Request, gen: torch.Generator | str) -> int | str:
         """The next token of one request, or why it cannot have one: a failure here ends
@@ -205,6 +203,11 @@ class Engine:
         if pixels is not None:
             pixels = pixels.to(self.device, self.model.dtype)
         return ids.to(self.device), mask.to(self.device), pixels
+
+
+def _held(text: str, stops: list[str]) -> int:
+    """Length of the longest end of ``text`` that begins one of ``stops``."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def _generator(r: Request) -> torch.Generator | str:

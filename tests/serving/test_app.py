@@ -59,8 +59,31 @@ def test_models_health_openapi(server):
     assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
     models = requests.get(f"{server}/v1/models", headers=HEADERS, timeout=10).json()
     assert [m["id"] for m in models["data"]] == ["medvl"]
+    assert _client(server).models.retrieve("medvl").id == "medvl"
     spec = requests.get(f"{server}/openapi.json", timeout=10).json()
-    assert "/v1/chat/completions" in spec["paths"]
+    body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["$ref"].endswith("/ChatCompletionRequest")
+    assert "messages" in spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert spec["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("get", "/v1/models/gpt-9", 404), ("get", "/no/such/route", 404), ("get", "/v1/chat/completions", 405)])
+def test_not_found_and_wrong_method_are_openai_errors(server, method, path, status):
+    r = getattr(requests, method)(f"{server}{path}", headers=HEADERS, timeout=10)
+    assert r.status_code == status and r.json()["error"]["message"]
+
+
+def test_developer_role_null_assistant_content_and_usage_chunk(server):
+    client = _client(server)
+    messages = [{"role": "developer", "content": "answer briefly"}, *_messages(),
+                {"role": "assistant", "content": None}, {"role": "user", "content": "再说一遍"}]
+    r = client.chat.completions.create(model="medvl", messages=messages, max_tokens=4)
+    assert r.choices[0].message.content is not None
+    chunks = list(client.chat.completions.create(model="medvl", messages=_messages(), max_tokens=32, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == ANSWER
 
 
 def _b64(data: bytes) -> str:
@@ -85,7 +108,17 @@ BAD = {
     "prompt_too_long": ({"model": "medvl", "messages": _messages(text="很长" * 300)}, 400),
     "assistant_last": ({"model": "medvl", "messages": [{"role": "assistant", "content": "hi"}]}, 400),
     "body_too_large": ({"model": "medvl", "messages": _messages(text="x" * 300_000)}, 413),
+    # OpenAI parameters this server does not honour: a 400 naming them, never a silent ignore.
+    "n_3": ({"model": "medvl", "messages": _messages(), "n": 3}, 400),
+    "logprobs": ({"model": "medvl", "messages": _messages(), "logprobs": True}, 400),
+    "tools": ({"model": "medvl", "messages": _messages(), "tools": [{"type": "function"}]}, 400),
+    "response_format": ({"model": "medvl", "messages": _messages(),
+                         "response_format": {"type": "json_object"}}, 400),
+    "stream_yes": ({"model": "medvl", "messages": _messages(), "stream": "yes"}, 400),
+    "seed_2_63": ({"model": "medvl", "messages": _messages(), "seed": 2**63}, 400),
 }
+PARAM = {"n_3": "n", "logprobs": "logprobs", "tools": "tools", "response_format": "response_format.type",
+         "stream_yes": "stream", "seed_2_63": "seed", "wrong_type": "max_tokens"}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -96,7 +129,9 @@ def test_bad_input_is_a_4xx_openai_error(server, case):
                       headers={**HEADERS, "Content-Type": "application/json"})
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert err["message"] and err["type"]
+    assert err["message"] and err["type"] and "param" in err
+    if case in PARAM:
+        assert err["param"] == PARAM[case], err
 
 
 def test_dicom_without_its_preamble_is_read_by_its_mime_type(server):

@@ -96,3 +96,15 @@ def test_one_failing_request_ends_alone_and_extreme_sampling_values_work(engine)
     assert errors[1] and "seed" in errors[1]
     streamed, results = _run(engine, [batch[0], batch[2], batch[3]])
     assert streamed == [greedy] * 3 and all(results)
+
+
+def test_a_stop_string_split_across_tokens_never_reaches_the_stream(engine):
+    req = Request(turns=[("<image>\n描述", None)], image=_png(), max_tokens=12)
+    deltas = [c.delta for step in engine.generate_batch([engine.prepare(req)]) for c in step if c and c.delta]
+    k = next(k for k in range(len(deltas) - 1) if deltas[k] and deltas[k + 1])
+    stop = deltas[k][-1] + deltas[k + 1][0]  # ends one token's text, begins the next one's
+    full = "".join(deltas)
+    req.stop = [stop]
+    streamed, results = _run(engine, [req])
+    assert results[0].finish_reason == "stop" and results[0].text == full[:full.find(stop)]
+    assert streamed[0] == results[0].text  # nothing of the stop string was streamed first
