@@ -7,13 +7,36 @@ OpenAI routes, with paged attention and continuous batching; on CPU our own depl
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 from ray import serve
 
 from medvl.serving.api import ServeConfig
 
+# What ray.serve.llm's OpenAI app is given from a ServeConfig; every other field set away
+# from its default would be silently dropped (API keys above all), so it is refused instead.
+HONOURED = {"model", "model_name", "backend", "max_prompt_tokens", "max_tokens_cap"}
+
+
+def unhonoured(cfg: ServeConfig) -> list[str]:
+    """The settings ``backend: vllm`` cannot honour: fields off their defaults, and API keys
+    found in the environment (``api_keys_env``)."""
+    default = ServeConfig()
+    fields = [f.name for f in dataclasses.fields(cfg)
+              if f.name not in HONOURED and getattr(cfg, f.name) != getattr(default, f.name)]
+    if os.environ.get(cfg.api_keys_env):
+        fields.append(f"${cfg.api_keys_env}")
+    return fields
+
 
 def build_vllm_app(cfg: ServeConfig, options: dict | None = None) -> serve.Application:
-    """``options`` (``placement.deployment_options``) give the replicas' accelerator and bounds."""
+    """``options`` (``placement.deployment_options``) give the replicas' accelerator and bounds.
+    Refuses, at start-up, any setting our own ingress would enforce but vLLM's does not."""
+    if bad := unhonoured(cfg):
+        raise ValueError(f"backend: vllm cannot honour {', '.join(bad)} (ray.serve.llm's OpenAI app has no "
+                         "API keys, body/image limits, SSRF guard or batching settings of ours); "
+                         "unset them, or serve with backend: medvl")
     try:
         from ray.serve.llm import LLMConfig, build_openai_app
     except ImportError as e:

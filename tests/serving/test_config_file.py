@@ -41,3 +41,17 @@ def test_vllm_backend_is_built_or_refused_clearly():
     else:
         with pytest.raises(ImportError, match=r"ray\[llm\]"):
             build_app(args)
+
+
+def test_vllm_backend_refuses_settings_it_would_drop(monkeypatch):
+    """API keys and our limits are not passed to ray.serve.llm: a clear refusal at start-up,
+    not a server that silently lets everyone in."""
+    import pytest
+
+    from medvl.serving.app import build_app
+
+    with pytest.raises(ValueError, match=r"cannot honour max_body_bytes, api_key_file"):
+        build_app({"model": "/models/x", "backend": "vllm", "api_key_file": "/keys.txt", "max_body_bytes": 1000})
+    monkeypatch.setenv("MEDVL_API_KEYS", "sk-1")
+    with pytest.raises(ValueError, match=r"\$MEDVL_API_KEYS"):
+        build_app({"model": "/models/x", "backend": "vllm"})
