@@ -5,6 +5,11 @@
 2. Serve overhead: one client, p50 latency over HTTP minus p50 of the same request run
    in-process on the engine directly. Target: <=25 ms.
 
+3. Streaming: time to first token vs total latency, 16 streaming clients, 64-token answers.
+   Target: TTFT p50 <=25% of total p50.
+4. An authenticated request's p50 while 200 unauthenticated uploads are held half-sent.
+   Target: <=1 s.
+
 Usage: python benchmarks/serve.py [--requests 128] [--max-tokens 16]
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import os
 import socket
 import statistics
 import tempfile
@@ -52,13 +58,13 @@ def body(max_tokens: int) -> dict:
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]}
 
 
-def load(url: str, n: int, clients: int, max_tokens: int) -> dict:
+def load(url: str, n: int, clients: int, max_tokens: int, headers: dict | None = None) -> dict:
     """n requests from `clients` threads; returns throughput and latency percentiles."""
     payload = body(max_tokens)
 
     def one(_):
         t0 = time.perf_counter()
-        r = requests.post(f"{url}/v1/chat/completions", json=payload, timeout=300)
+        r = requests.post(f"{url}/v1/chat/completions", json=payload, timeout=300, headers=headers)
         r.raise_for_status()
         return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
 
@@ -69,6 +75,41 @@ def load(url: str, n: int, clients: int, max_tokens: int) -> dict:
     lat = sorted(x for x, _ in results)
     return {"rps": n / wall, "tok_s": sum(t for _, t in results) / wall,
             "p50_ms": 1000 * lat[len(lat) // 2], "p95_ms": 1000 * lat[int(0.95 * (len(lat) - 1))]}
+
+
+def streaming(url: str, clients: int, max_tokens: int) -> dict:
+    """Each client streams one answer; time to the first content chunk and to [DONE]."""
+    payload = {**body(max_tokens), "stream": True}
+
+    def one(_):
+        t0, first = time.perf_counter(), None
+        with requests.post(f"{url}/v1/chat/completions", json=payload, timeout=300, stream=True) as r:
+            for line in r.iter_lines():
+                if first is None and line.startswith(b"data: {") and b'"content": "' in line \
+                        and b'"content": ""' not in line:
+                    first = time.perf_counter() - t0
+        return first if first is not None else time.perf_counter() - t0, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(clients)))
+    return {"ttft_ms": 1000 * statistics.median(r[0] for r in results),
+            "total_ms": 1000 * statistics.median(r[1] for r in results)}
+
+
+def under_flood(url: str, port: int, half_open: int, n: int, max_tokens: int) -> float:
+    """p50 of authenticated requests, one at a time, while ``half_open`` uploads
+    without a key hold their connections, bodies never finished."""
+    socks = []
+    for _ in range(half_open):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 150000\r\n\r\n{\"model\": ")
+        socks.append(s)
+    try:
+        return load(url, n, 1, max_tokens, headers={"Authorization": "Bearer sk-bench"})["p50_ms"]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def direct_p50(model: str, n: int, max_tokens: int) -> float:
@@ -109,6 +150,14 @@ def main() -> None:
         load(url, args.clients, args.clients, args.max_tokens)  # warm-up
         rows[batch] = load(url, args.requests, args.clients, args.max_tokens)
     one_client = load(url, 30, 1, args.max_tokens)
+    run_local(ServeConfig(model=model, max_batch_size=16, batch_wait_timeout_s=0.01), port=port, blocking=False)
+    streaming(url, 16, 64)  # warm-up
+    stream = streaming(url, 16, 64)
+    keys = os.path.join(os.path.dirname(model), "keys.txt")
+    with open(keys, "w") as f:
+        f.write("sk-bench\n")
+    run_local(ServeConfig(model=model, api_key_file=keys, body_timeout_s=60), port=port, blocking=False)
+    flood = under_flood(url, port, 200, 20, args.max_tokens)
     serve.shutdown()
     ray.shutdown()
     direct = direct_p50(model, 30, args.max_tokens)
@@ -122,6 +171,11 @@ def main() -> None:
     overhead = one_client["p50_ms"] - direct
     print(f"\none client: HTTP p50 {one_client['p50_ms']:.1f} ms, in-process p50 {direct:.1f} ms, "
           f"Serve overhead {overhead:.1f} ms (target <=25 ms)  {'MET' if overhead <= 25 else 'MISSED'}")
+    share = stream["ttft_ms"] / stream["total_ms"]
+    print(f"\n16 streaming clients, 64 tokens: TTFT p50 {stream['ttft_ms']:.0f} ms, total p50 "
+          f"{stream['total_ms']:.0f} ms, TTFT/total {share:.2f} (target <=0.25)  {'MET' if share <= 0.25 else 'MISSED'}")
+    print(f"authenticated p50 with 200 half-sent unauthenticated uploads held: {flood:.0f} ms "
+          f"(target <=1000 ms)  {'MET' if flood <= 1000 else 'MISSED'}")
 
 
 if __name__ == "__main__":

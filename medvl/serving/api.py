@@ -102,6 +102,7 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
+CHARS_PER_TOKEN_BOUND = 32  # no tokenizer packs more characters into one token
 DATA_URI = re.compile(r"^data:(?P<mime>[\w/.+-]+)?(;[\w=.-]+)*;base64,(?P<data>.*)$", re.S)
 
 
@@ -184,6 +185,10 @@ def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
             question = []
     if not question:
         raise APIError(400, "the last message must come from the user")
+    chars = sum(len(q) + len(a or "") for q, a in turns) + sum(len(q) for q in question)
+    if chars > CHARS_PER_TOKEN_BOUND * cfg.max_prompt_tokens:  # refused before tokenising megabytes
+        raise APIError(400, f"prompt is {chars} characters, more than {cfg.max_prompt_tokens} tokens can hold",
+                       code="context_length_exceeded", param="messages")
     turns.append(("\n".join(question), None))
     if image is not None:  # training puts <image> at the start of the first human turn
         turns[0] = (f"{IMAGE}\n{turns[0][0]}", turns[0][1])

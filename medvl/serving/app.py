@@ -156,7 +156,7 @@ class ChatDeployment:
         except ValueError as e:  # pydantic.ValidationError is a ValueError; so is bad JSON
             errors = getattr(e, "errors", lambda: [])()
             raise RequestValidationError(errors or [{"msg": str(e)}]) from e
-        prepared = self._prepare(body)
+        prepared = await asyncio.to_thread(self._prepare, body)  # decode + tokenise off the event loop
         chunks = self._generate(prepared)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -208,10 +208,15 @@ class ChatDeployment:
             yield f"data: {json.dumps(err, ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    # Up to 4 batches decode at once, their steps interleaved (each in a thread): a request
+    # arriving while a batch runs starts within a step instead of after the whole batch.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
     async def _generate(self, batch: list[Prepared]) -> AsyncIterator[list[Chunk | type]]:
-        """One decoding loop for the whole batch; a finished request gets StopIteration."""
-        for step in self.engine.generate_batch(batch):
+        """One decoding loop for the whole batch; a finished request gets StopIteration. Each
+        step runs in a thread, so the event loop streams the previous step's tokens (and
+        answers /healthz) while the next is computed."""
+        steps = self.engine.generate_batch(batch)
+        while (step := await asyncio.to_thread(next, steps, None)) is not None:
             yield [c if c is not None else StopIteration for c in step]
 
 
