@@ -3,7 +3,7 @@
 ``start`` turns the real cluster YAML into a fake-provider config (node types, labels and
 limits kept; resources filled in as AWS fills them from the instance type) and starts its head
 with ``ray start --head`` in a new process session, every port explicit and its own temp dir;
-``stop`` ends that session's processes and nothing else (no ``ray stop``). Run as a script,
+``stop`` ends that session's processes and nothing else (never a cluster-wide stop). Run as a script,
 this module is the driver: it places work with the pipeline's own placement functions and the
 qilin-13b recipe, and prints where each request landed as JSON.
 """
