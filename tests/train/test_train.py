@@ -215,3 +215,17 @@ def test_stage2_lora_exports_a_merged_plain_model(stage1, demo_shards, tmp_path)
     assert not torch.equal(dict(before.named_parameters())[name], dict(after.named_parameters())[name])
     vision = "model.vision_tower.embeddings.patch_embedding.weight"
     assert torch.equal(dict(before.named_parameters())[vision], dict(after.named_parameters())[vision])
+
+
+def test_stage2_lora_under_zero3_exports_a_merged_plain_model(stage1, demo_shards, tmp_path):
+    """LoRA with the paper's stage-2 ZeRO-3: adapters on partitioned weights, merged per
+    gathered block at export, so hf/ is a plain model that differs from stage 1 in the LLM."""
+    s2 = train(TrainConfig(stage=2, data=str(demo_shards / "in"), output=str(tmp_path / "lora3"), name="lora3",
+                           init=stage1["hf"], batch_size=4, lr=1e-2, zero_stage=3, lora_r=8, lora_alpha=16,
+                           lora_dropout=0.0, max_steps=4, log_every=100))
+    assert s2["steps"] == 4 and np.isfinite(s2["last_loss"])
+    before, after = load_hf(stage1["hf"]), load_hf(s2["hf"])  # strict load: no LoRA keys left
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(dict(before.named_parameters())[name], dict(after.named_parameters())[name])
+    vision = "model.vision_tower.embeddings.patch_embedding.weight"
+    assert torch.equal(dict(before.named_parameters())[vision], dict(after.named_parameters())[vision])
