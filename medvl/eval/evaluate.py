@@ -12,12 +12,14 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import ray
 
 from medvl import storage
 from medvl.data import images, records
+from medvl.eval import llava_med
 from medvl.eval.metrics import answer_type, score
 from medvl.eval.report import write_report
 from medvl.placement import Placement, actor_options, check_accelerator
@@ -36,6 +38,8 @@ class EvalConfig:
     cpus_per_replica: float = field(default=1.0, metadata={"help": "CPUs per model actor"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per model actor (bf16)"})
     limit: int = field(default=0, metadata={"help": "evaluate only the first N records (0: all)"})
+    protocol: Literal["medvl", "llava-med"] = field(default="medvl", metadata={
+        "help": "llava-med: also score as LLaVA-Med's run_eval.py does, for comparison with published figures"})
 
 
 def load_eval_records(uri: str, limit: int = 0) -> list[dict]:
@@ -129,4 +133,5 @@ def evaluate(cfg: EvalConfig, placement: Placement | None = None) -> dict:
     rows = predict(cfg, examples, placement)
     for row in rows:
         row["scores"] = score(row["prediction"], row)
-    return write_report(rows, cfg.output, {"model": cfg.model, "data": cfg.data})
+    extra = {"llava_med": llava_med.scores(rows)} if cfg.protocol == "llava-med" else {}
+    return write_report(rows, cfg.output, {"model": cfg.model, "data": cfg.data, **extra})

@@ -54,6 +54,12 @@ def markdown(metrics: dict, rows: list[dict]) -> str:
              f"{metrics['errors']} unreadable inputs (scored wrong).", ""]
     if metrics["closed_chance"] is not None:
         lines += [f"Chance accuracy on the closed questions: {metrics['closed_chance']:.3f}.", ""]
+    lines += ["The table is medvl's protocol (closed: the answer named alone, yes/no folded in Chinese "
+              "and English; open: character-level recall).", ""]
+    if (lm := metrics.get("llava_med")) is not None:
+        lines += [f"LLaVA-Med's protocol (its `run_eval.py`, comparable with published figures): closed "
+                  f"accuracy {lm['closed_accuracy']:.3f} over the {lm['closed_counted']} of "
+                  f"{lm['closed_total']} closed answers it counts, open recall {lm['open_recall']:.3f}.", ""]
     lines += [head, "|" + "---|" * (len(METRICS) + 2)]
     groups = [("overall", metrics["overall"])]
     for key in ("answer_type", "modality"):

@@ -39,10 +39,14 @@ def test_eval_is_deterministic_and_reports(stage2, demo_dir, tmp_path, s3_endpoi
     storage.write_text(f"{s3}/heldout.jsonl", (demo_dir / "instruction_heldout.jsonl").read_text())
     b = evaluate(EvalConfig(model=f"{s3}/model", data=f"{s3}/heldout.jsonl", image_root=f"{s3}/images",
                             output=f"{s3}/report", batch_size=8, max_tokens=16, replicas=2,
-                            cpus_per_replica=0.5))
+                            cpus_per_replica=0.5, protocol="llava-med"))
     assert a["n"] == len((demo_dir / "instruction_heldout.jsonl").read_text().splitlines()) and a["errors"] == 0
     assert (tmp_path / "a" / "predictions.jsonl").read_text() == storage.read_text(f"{s3}/report/predictions.jsonl")
     assert storage.exists(f"{s3}/report/report.md") and storage.exists(f"{s3}/report/metrics.png")
+    assert set(b["llava_med"]) == {"closed_accuracy", "closed_counted", "closed_total", "open_recall"}
+    assert b["llava_med"]["closed_total"] == sum(r["answer_type"] == "closed" for r in map(
+        json.loads, storage.read_text(f"{s3}/report/predictions.jsonl").splitlines()))
+    assert "LLaVA-Med's protocol" in storage.read_text(f"{s3}/report/report.md") and "llava_med" not in a
     assert a["overall"] == b["overall"] and a["by_modality"] == b["by_modality"]
     report = (tmp_path / "a" / "report.md").read_text()
     assert "| overall |" in report and "Worst-scored examples" in report
