@@ -112,6 +112,7 @@ def _write_side_files(module, tok, uri: str, tmp: str, weight_map: dict, total: 
     side = os.path.join(tmp, "side")
     config = copy.deepcopy(module.config)
     config.dtype = module.dtype
+    config.architectures = [type(module).__name__]  # what vLLM and AutoModel pick the class by
     config.text_config.use_cache = True
     config.save_pretrained(side)
     if module.can_generate():

@@ -54,3 +54,5 @@ def test_zero3_export_is_sharded_and_equals_the_gathered_weights(stage1, stage2)
     model, info = LlavaForConditionalGeneration.from_pretrained(hf, output_loading_info=True)
     assert not any(info.values()), info
     assert model.config.text_config.use_cache  # training turned the cache off; inference wants it back
+    with open(os.path.join(hf, "config.json")) as f:  # vLLM picks its model class by this field
+        assert json.load(f)["architectures"] == ["LlavaForConditionalGeneration"]
