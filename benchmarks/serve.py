@@ -30,10 +30,11 @@ import requests
 from PIL import Image
 
 from medvl.data.demo import train_tokenizer
-from medvl.model.build import build_tiny, save_hf
+from medvl.model.build import build_tiny
 from medvl.serving.api import ServeConfig
 from medvl.serving.engine import Engine, Request, write_meta
 from medvl.tokenizer import load as load_tokenizer
+from medvl.train.export import save_hf
 
 QUESTION = "这是什么检查？请描述所见。"
 

@@ -11,7 +11,6 @@ with CLS dropped (Qilin-Med-VL / LLaVA-1.5), the projector is ``mlp2x_gelu``, an
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -129,15 +128,28 @@ def processor_for(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizer
                           chat_template=chat)
 
 
-def save_hf(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase, uri: str, template: str = "v1",
-            aspect: str = "pad") -> None:
-    """``save_pretrained`` (safetensors only) + tokenizer + processor, to a local or s3:// URI."""
-    with tempfile.TemporaryDirectory(prefix="medvl-hf-") as tmp:
-        local = tmp if storage.is_s3(uri) else storage.resolve(uri)[1]
-        model.save_pretrained(local, safe_serialization=True)
-        processor_for(model, tok, template, aspect).save_pretrained(local)
-        if storage.is_s3(uri):
-            storage.copy_dir(local, uri)
+# The weight names of the llava-hf checkpoints on the Hub, the layout every reader loads:
+# transformers 4.x and 5.x (5.x maps it onto its own module names) and vLLM, which wants
+# `vision_tower.vision_model.*` and fails on the flat `vision_tower.embeddings.*` that
+# transformers 5.2x's own save_pretrained writes ("no module or parameter named ...").
+_CHECKPOINT_PREFIXES = (
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.language_model.", "language_model.model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+def checkpoint_key(name: str) -> str:
+    """A ``LlavaForConditionalGeneration`` parameter name (transformers 4 or 5) as llava-hf
+    checkpoints spell it."""
+    for ours, theirs in _CHECKPOINT_PREFIXES:
+        if name.startswith(ours):
+            rest = name[len(ours):]
+            if theirs.endswith("vision_model.") and rest.startswith("vision_model."):
+                rest = rest[len("vision_model."):]  # transformers 4 names it already
+            return theirs + rest
+    raise ValueError(f"{name}: not a LlavaForConditionalGeneration parameter")
 
 
 def load_hf(uri: str, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:

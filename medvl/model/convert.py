@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPVisionModel, LlamaConfig, LlavaForConditionalGeneration
 
 from medvl import storage
-from medvl.model.build import llava_config, save_hf
-from medvl.serving.engine import write_meta
+from medvl.model.build import llava_config
 from medvl.tokenizer import prepare
+from medvl.train.export import save_hf
 
 PROJECTOR = {"model.mm_projector.0.": "model.multi_modal_projector.linear_1.",
              "model.mm_projector.2.": "model.multi_modal_projector.linear_2."}
@@ -96,7 +96,6 @@ def convert_llava(src: str, vision_tower: str, dst: str) -> LlavaForConditionalG
     _load_exact(model, mapped, old_vocab=raw["vocab_size"])
     aspect = "pad" if raw.get("image_aspect_ratio") == "pad" else "crop"
     save_hf(model, tok, dst, "v1", aspect)
-    write_meta(dst, template="v1", aspect=aspect, image_size=vision.config.image_size)
     return model.eval()
 
 

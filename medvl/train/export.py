@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from medvl import storage
-from medvl.model.build import processor_for
+from medvl.model.build import checkpoint_key, processor_for
 from medvl.serving.engine import write_meta
 from medvl.train.lora import merge_lora
 from medvl.train.zero import block_classes
@@ -76,7 +76,8 @@ def _gathered(groups, shard: list[int], rank: int, lora: tuple[int, int] | None)
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # every rank gathers
             tensors = ({name: p.detach().to("cpu", copy=True).contiguous() for name, p in groups[i]}
                        if rank == 0 else {})
-        yield merge_lora(tensors, *lora) if lora and tensors else tensors
+        tensors = merge_lora(tensors, *lora) if lora and tensors else tensors
+        yield {checkpoint_key(name): t for name, t in tensors.items()}
 
 
 def export_hf(module: torch.nn.Module, tok, uri: str, rank: int, meta: dict,
@@ -103,6 +104,14 @@ def export_hf(module: torch.nn.Module, tok, uri: str, rank: int, meta: dict,
         if rank == 0:
             _write_side_files(module, tok, uri, tmp, weight_map, total, len(shards) > 1, meta)
             write_meta(uri, **meta)
+
+
+def save_hf(model: torch.nn.Module, tok, uri: str, template: str = "v1", aspect: str = "pad",
+            max_shard_bytes: int = 5 * 10**9) -> None:
+    """One process, a model in memory (tests, ``medvl convert``): the same directory as a run's."""
+    image_size = model.config.vision_config.image_size
+    export_hf(model, tok, uri, 0, {"template": template, "aspect": aspect, "image_size": image_size},
+              max_shard_bytes)
 
 
 def _write_side_files(module, tok, uri: str, tmp: str, weight_map: dict, total: int, sharded: bool,

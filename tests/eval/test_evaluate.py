@@ -5,9 +5,10 @@ import json
 import pytest
 
 from medvl.eval.evaluate import EvalConfig, evaluate
-from medvl.model.build import build_tiny, save_hf
+from medvl.model.build import build_tiny
 from medvl.serving.engine import write_meta
 from medvl.tokenizer import load as load_tokenizer
+from medvl.train.export import save_hf
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 

@@ -11,8 +11,9 @@ import torch
 from medvl.data import templates
 from medvl.data.images import ImageSpec, load_image, normalize
 from medvl.data.tokenize import encode_turns
-from medvl.model.build import build_tiny, save_hf
+from medvl.model.build import build_tiny
 from medvl.serving.engine import write_meta
+from medvl.train.export import save_hf
 from tests.conftest import free_port
 
 QUESTION = "这是什么检查？"

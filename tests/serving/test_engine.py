@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medvl.model.build import build_tiny, save_hf
+from medvl.model.build import build_tiny
 from medvl.serving.engine import Engine, IncrementalDecoder, Request, write_meta
+from medvl.train.export import save_hf
 
 
 @pytest.fixture(scope="module")
