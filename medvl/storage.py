@@ -116,24 +116,13 @@ def delete_file(uri: str) -> None:
         fs.delete_file(path)
 
 
-def copy_dir_to_local(uri: str, local_dir: str) -> str:
-    """Mirror a directory URI into ``local_dir`` (a no-op for local URIs); return the local path.
-
-    Tokenizers and HF models load from local directories only, so an ``s3://`` one is
-    fetched once per process.
-    """
-    if not is_s3(uri):
-        return resolve(uri)[1]
-    copy_dir(uri, local_dir)
-    return local_dir
-
-
 NODE_CACHE = os.path.join(tempfile.gettempdir(), "medvl-cache")
 
 
 @contextlib.contextmanager
-def local_dir(uri: str) -> Iterator[str]:
-    """A local directory holding ``uri``'s files while the block runs.
+def local_dir(uri: str, weights: bool = True) -> Iterator[str]:
+    """A local directory holding ``uri``'s files (``weights=False``: all but weight files, for
+    a tokenizer or a config from a model directory) while the block runs.
 
     Models and tokenizers load from local directories only. An ``s3://`` directory is
     fetched once per node into a shared cache (the 8 workers of a GPU node use one copy
@@ -148,13 +137,14 @@ def local_dir(uri: str) -> Iterator[str]:
     import hashlib
 
     os.makedirs(NODE_CACHE, exist_ok=True)
-    entry = os.path.join(NODE_CACHE, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    key = uri if weights else f"{uri} without weights"
+    entry = os.path.join(NODE_CACHE, hashlib.sha256(key.encode()).hexdigest()[:16])
     with open(entry + ".use", "a") as use, open(entry + ".fetch", "a") as fetch:
         fcntl.flock(use, fcntl.LOCK_SH)  # waits while a last user deletes the entry
         fcntl.flock(fetch, fcntl.LOCK_EX)  # one process downloads, the others wait for it
         if not os.path.isdir(entry):
             partial = tempfile.mkdtemp(dir=NODE_CACHE)
-            copy_dir_to_local(uri, partial)
+            copy_dir(uri, partial, skip=() if weights else WEIGHT_SUFFIXES)
             os.rename(partial, entry)
         fcntl.flock(fetch, fcntl.LOCK_UN)
         try:
@@ -186,13 +176,25 @@ def upload_file(local_path: str, uri: str) -> None:
     pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def copy_dir(src: str, dst: str) -> None:
-    """Copy a directory between any two URIs (local <-> S3 included), replacing ``dst``."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def copy_dir(src: str, dst: str, skip: tuple[str, ...] = ()) -> None:
+    """Copy a directory between any two URIs (local <-> S3 included), replacing ``dst``;
+    files whose names end with one of ``skip`` are left out."""
     delete_dir(dst)
     src_fs, src_path = resolve(src)
     dst_fs, dst_path = resolve(dst)
     dst_fs.create_dir(dst_path, recursive=True)
-    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    if not skip:
+        pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        return
+    for info in src_fs.get_file_info(pafs.FileSelector(src_path, recursive=True)):
+        if info.type != pafs.FileType.File or info.path.endswith(skip):
+            continue
+        target = f"{dst_path}/{os.path.relpath(info.path, src_path)}"
+        dst_fs.create_dir(os.path.dirname(target), recursive=True)
+        pafs.copy_files(info.path, target, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
 def stamp(uri: str) -> list[int]:

@@ -35,7 +35,7 @@ def prepare(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 @functools.lru_cache(maxsize=4)
 def load(uri: str) -> PreTrainedTokenizerBase:
     """Tokenizer from a directory URI, cached per process (Ray tasks reuse workers)."""
-    with storage.local_dir(uri) as local:
+    with storage.local_dir(uri, weights=False) as local:  # a model directory's weights stay behind
         return prepare(AutoTokenizer.from_pretrained(local))
 
 

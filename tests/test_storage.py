@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from medvl import storage
@@ -20,9 +22,18 @@ def test_roundtrip_list_exists(scheme, tmp_path, s3_endpoint):
 
 def test_s3_dir_copies_to_local(tmp_path, s3_endpoint):
     storage.write_text(f"{s3_endpoint}/tokdir/sub/f.json", "{}")
-    local = storage.copy_dir_to_local(f"{s3_endpoint}/tokdir", str(tmp_path / "t"))
+    storage.copy_dir(f"{s3_endpoint}/tokdir", str(tmp_path / "t"))
     assert (tmp_path / "t" / "sub" / "f.json").read_text() == "{}"
-    assert local == str(tmp_path / "t")
+
+
+def test_a_model_dir_without_its_weights_for_tokenizer_and_config(s3_endpoint):
+    """The Serve ingress needs tokenizer + config of a 26 GB model directory, not its shards."""
+    uri = f"{s3_endpoint}/model-light"
+    for name in ("config.json", "tokenizer.json", "model-00001-of-00002.safetensors", "sub/x.bin"):
+        storage.write_text(f"{uri}/{name}", "{}")
+    with storage.local_dir(uri, weights=False) as light, storage.local_dir(uri) as full:
+        assert sorted(os.listdir(light)) == ["config.json", "tokenizer.json"]
+        assert "model-00001-of-00002.safetensors" in os.listdir(full)
 
 
 def _hold(uri: str, barrier, out) -> None:
