@@ -63,8 +63,11 @@ def decode(data: bytes, name: str, spec: ImageSpec) -> Image.Image:
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
         # Greyscale stays one channel (4x less resampling work); the full decode runs
-        # here, so truncated files fail here.
-        img = img.convert("L" if img.mode in ("L", "I", "I;16", "1") else "RGB")
+        # here, so truncated files fail here. An image already in its mode is not copied
+        # (a 50-megapixel RGB upload would otherwise hold 2 x 150 MB).
+        mode = "L" if img.mode in ("L", "I", "I;16", "1") else "RGB"
+        img.load()
+        img = img if img.mode == mode else img.convert(mode)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # over Pillow's own limit before its size is read
