@@ -25,7 +25,7 @@ from typing import Any
 from medvl import config, storage
 from medvl.data.preprocess import PreprocessConfig
 from medvl.eval.evaluate import EvalConfig
-from medvl.placement import Placement, check_accelerator, deployment_options
+from medvl.placement import Placement, check_accelerator, deployment_options, front_options
 from medvl.serving.api import ServeConfig
 from medvl.train.config import TrainConfig
 
@@ -243,7 +243,8 @@ def deploy(r: Recipe, model: str, owned: bool, keep_serving: bool) -> dict:
     if d.num_gpus:
         check_accelerator(r.placement.serve_accelerator)
     run_local(cfg, d.host, d.port, blocking=False, options=deployment_options(
-        d.num_cpus, d.num_gpus, d.min_replicas, d.max_replicas, r.placement))
+        d.num_cpus, d.num_gpus, d.min_replicas, d.max_replicas, r.placement),
+        front=front_options(d.min_replicas, d.max_replicas, r.placement))
     local = f"http://127.0.0.1:{d.port}/v1"
     sample = probe(local, cfg.model_name, d.probe or r.eval.data, r.eval.image_root)
     print(f"[pipeline] deploy: asked {sample['question']!r} about {sample['image']}\n"

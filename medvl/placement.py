@@ -69,6 +69,14 @@ def deployment_options(num_cpus: float, num_gpus: float, min_replicas: int, max_
                                    "target_ongoing_requests": 8}}
 
 
+def front_options(min_replicas: int, max_replicas: int, p: Placement) -> dict[str, Any]:
+    """The Serve HTTP front (keys, limits, image decoding; no weights): small CPU replicas in
+    the CPU pool, as many as the model's, each holding more requests than a model replica."""
+    return {"ray_actor_options": actor_options(0.25, 0, p),
+            "autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas,
+                                   "target_ongoing_requests": 64}}
+
+
 def check_accelerator(name: str) -> None:
     """Fail in seconds rather than wait forever: a request for an accelerator that no node has
     and that no autoscaler could add (e.g. the default A100 on one local H100 machine)."""

@@ -1,10 +1,15 @@
 """The Ray Serve application: an OpenAI-compatible chat endpoint for an exported model.
 
 ``build_app(args)`` is a Serve application builder, so the same code runs from
-``serve run serve/config.yaml``, ``serve deploy`` and ``medvl serve``. Requests are
-validated and encoded in the HTTP handler (bad input never reaches a batch), then joined
-into dynamic batches by ``@serve.batch``; one decoding loop streams every request of a
-batch at once.
+``serve run serve/config.yaml``, ``serve deploy`` and ``medvl serve``. Two deployments:
+
+- ``MedVLChat``, the HTTP front (small CPU replicas, no weights): API keys, body limits,
+  validation, image decoding and tokenisation, OpenAI-shaped errors. Bad input never
+  reaches the model, and a model replica that dies mid-answer becomes a 503 (an error
+  event + ``[DONE]`` in a stream), not the proxy's plain-text 500.
+- ``MedVLModel``, the weights (the GPU replicas): requests joined into dynamic batches by
+  ``@serve.batch``; one decoding loop streams every request of a batch at once, and a
+  request whose caller went away leaves its batch.
 """
 
 import asyncio
@@ -18,6 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medvl import config, storage
@@ -30,7 +37,7 @@ from medvl.serving.api import (
     completion_body,
     to_engine_request,
 )
-from medvl.serving.engine import Chunk, Engine, Prepared
+from medvl.serving.engine import Chunk, Engine, Prepared, Preparer
 
 api = FastAPI(title="medvl", description="OpenAI-compatible multimodal chat for medical images")
 
@@ -85,18 +92,61 @@ def load_api_keys(cfg: ServeConfig) -> set[str]:
     return keys
 
 
-@serve.deployment(name="MedVLChat", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
-@serve.ingress(api)
-class ChatDeployment:
+# A model replica gone mid-request (crashed, killed, its node lost): the caller may retry.
+REPLICA_LOST = (RayActorError, ActorUnavailableError)
+HEALTH_TIMEOUT_S = 10.0
+
+
+def _replica_lost(e: Exception) -> APIError:
+    return APIError(503, f"the model replica answering this request failed ({type(e).__name__}); "
+                         "retry", "server_error", "model_unavailable")
+
+
+@serve.deployment(name="MedVLModel", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+class ModelDeployment:
+    """The weights and the batched decoding loop; only the HTTP front calls it."""
+
     def __init__(self, cfg: ServeConfig):
-        self.cfg = cfg
         import torch
 
         # A replica given a GPU (ray_actor_options num_gpus) sees exactly that one.
         self.engine = Engine(cfg.model, device="cuda" if torch.cuda.is_available() else "cpu")
-        self.keys = load_api_keys(cfg)
         self._generate.set_max_batch_size(cfg.max_batch_size)
         self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    async def generate(self, prepared: Prepared) -> AsyncIterator[Chunk]:
+        """One request's chunks. A caller that goes away cancels this call; the request is
+        then marked, and its row leaves the batch at the next step."""
+        try:
+            async for chunk in self._generate(prepared):
+                yield chunk
+        finally:
+            prepared.cancelled = True
+
+    def decoding(self) -> int:
+        """Requests decoding on this replica now (``/healthz`` reports it)."""
+        return self.engine.decoding
+
+    # Up to 4 batches decode at once, their steps interleaved (each in a thread): a request
+    # arriving while a batch runs starts within a step instead of after the whole batch.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
+    async def _generate(self, batch: list[Prepared]) -> AsyncIterator[list[Chunk | type]]:
+        """One decoding loop for the whole batch; a finished request gets StopIteration. Each
+        step runs in a thread, so the event loop streams the previous step's tokens while
+        the next is computed."""
+        steps = self.engine.generate_batch(batch)
+        while (step := await asyncio.to_thread(next, steps, None)) is not None:
+            yield [c if c is not None else StopIteration for c in step]
+
+
+@serve.deployment(name="MedVLChat", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class ChatDeployment:
+    def __init__(self, cfg: ServeConfig, model: DeploymentHandle):
+        self.cfg = cfg
+        self.preparer = Preparer(cfg.model)  # tokenizer + template: no weights on the front
+        self.model, self.streams = model, model.options(stream=True)
+        self.keys = load_api_keys(cfg)
 
     def _check(self, request: Request) -> None:
         """The API key, from the headers alone: nothing is read for a caller without one."""
@@ -130,7 +180,13 @@ class ChatDeployment:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok"}
+        """200 while a model replica answers (with how many requests it is decoding)."""
+        try:
+            decoding = await asyncio.wait_for(self.model.decoding.remote(), HEALTH_TIMEOUT_S)
+        except (TimeoutError, *REPLICA_LOST) as e:
+            raise APIError(503, f"no model replica answered within {HEALTH_TIMEOUT_S:g} s "
+                                f"({type(e).__name__})", "server_error", "model_unavailable") from e
+        return {"status": "ok", "decoding": decoding}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -157,7 +213,7 @@ class ChatDeployment:
             errors = getattr(e, "errors", lambda: [])()
             raise RequestValidationError(errors or [{"msg": str(e)}]) from e
         prepared = await asyncio.to_thread(self._prepare, body)  # decode + tokenise off the event loop
-        chunks = self._generate(prepared)
+        chunks = self.streams.generate.remote(prepared)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self._sse(chunks, usage), media_type="text/event-stream")
@@ -167,17 +223,21 @@ class ChatDeployment:
                     raise APIError(500, chunk.error, "server_error", "generation_failed")
                 if chunk.result is not None:
                     return completion_body(chunk.result, self.cfg.model_name)
+        except REPLICA_LOST as e:
+            raise _replica_lost(e) from e
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001 - the whole batch failed: an OpenAI-shaped 500, not a bare one
             raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error",
                            "generation_failed") from e
+        finally:
+            chunks.cancel()  # a client gone (or an answer complete): nothing more is decoded for it
         raise APIError(500, "generation ended without a result", "server_error")
 
     def _prepare(self, body: ChatCompletionRequest) -> Prepared:
         req = to_engine_request(body, self.cfg)
         try:
-            prepared = self.engine.prepare(req, self.cfg.max_image_pixels)
+            prepared = self.preparer.prepare(req, self.cfg.max_image_pixels)
         except ImageError as e:
             status = 413 if e.reason == "image_too_large" else 400
             raise APIError(status, f"image rejected: {e.detail}", code=e.reason) from e
@@ -186,7 +246,7 @@ class ChatDeployment:
                                 f"{self.cfg.max_prompt_tokens}", code="context_length_exceeded")
         return prepared
 
-    async def _sse(self, chunks: AsyncIterator[Chunk], include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, chunks: DeploymentResponseGenerator, include_usage: bool) -> AsyncIterator[str]:
         cid, model = f"chatcmpl-{uuid.uuid4().hex}", self.cfg.model_name
         first = chunk_body(cid, model, {"role": "assistant", "content": ""}, None)
         yield f"data: {json.dumps(first, ensure_ascii=False)}\n\n"
@@ -203,21 +263,14 @@ class ChatDeployment:
                     if include_usage:  # stream_options.include_usage: one more chunk, no choices
                         body = chunk_body(cid, model, None, None, chunk.result)
                         yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        except REPLICA_LOST as e:
+            yield f"data: {json.dumps(_replica_lost(e).body(), ensure_ascii=False)}\n\n"
         except Exception as e:  # noqa: BLE001 - the stream ends with an error event, never cut
             err = APIError(500, f"generation failed: {e}", "server_error", "generation_failed").body()
             yield f"data: {json.dumps(err, ensure_ascii=False)}\n\n"
+        finally:
+            chunks.cancel()  # a closed stream cancels its request in the model replica
         yield "data: [DONE]\n\n"
-
-    # Up to 4 batches decode at once, their steps interleaved (each in a thread): a request
-    # arriving while a batch runs starts within a step instead of after the whole batch.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
-    async def _generate(self, batch: list[Prepared]) -> AsyncIterator[list[Chunk | type]]:
-        """One decoding loop for the whole batch; a finished request gets StopIteration. Each
-        step runs in a thread, so the event loop streams the previous step's tokens (and
-        answers /healthz) while the next is computed."""
-        steps = self.engine.generate_batch(batch)
-        while (step := await asyncio.to_thread(next, steps, None)) is not None:
-            yield [c if c is not None else StopIteration for c in step]
 
 
 def _absolute(cfg: ServeConfig) -> ServeConfig:
@@ -234,23 +287,25 @@ def build_app(args: dict) -> serve.Application:
     return application(cfg)
 
 
-def application(cfg: ServeConfig, options: dict | None = None) -> serve.Application:
-    """Our deployment (CPU or GPU) or, with ``backend: vllm``, ray.serve.llm's; ``options``:
-    ``placement.deployment_options`` (default: the decorator's one CPU replica)."""
+def application(cfg: ServeConfig, options: dict | None = None, front: dict | None = None) -> serve.Application:
+    """Our two deployments or, with ``backend: vllm``, ray.serve.llm's. ``options``
+    (``placement.deployment_options``) place and scale the model replicas, ``front``
+    (``placement.front_options``) the HTTP front; default: the decorators' one CPU replica each."""
     cfg = _absolute(cfg)
     if cfg.backend == "vllm":
         from medvl.serving.vllm import build_vllm_app
 
         return build_vllm_app(cfg, options)
-    return (ChatDeployment.options(**options) if options else ChatDeployment).bind(cfg)
+    model = ModelDeployment.options(**(options or {})).bind(cfg)
+    return ChatDeployment.options(**(front or {})).bind(cfg, model)
 
 
 def run_local(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
-              options: dict | None = None) -> None:
+              options: dict | None = None, front: dict | None = None) -> None:
     """Start (or join) a local Ray, then serve ``cfg`` at ``http://host:port/v1``."""
     import ray
 
     if not ray.is_initialized():
         ray.init()
     serve.start(http_options={"host": host, "port": port})
-    serve.run(application(cfg, options), name="medvl", route_prefix="/", blocking=blocking)
+    serve.run(application(cfg, options, front), name="medvl", route_prefix="/", blocking=blocking)

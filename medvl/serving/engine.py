@@ -9,6 +9,7 @@ character split across byte-level tokens is held back until it is complete.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ class Prepared:
     req: Request
     ids: list[int]
     pixels: np.ndarray | None
+    cancelled: bool = False  # set when its caller went away: its row leaves the batch
 
 
 @dataclass
@@ -85,21 +87,20 @@ class IncrementalDecoder:
         return delta
 
 
-class Engine:
-    """One model + tokenizer + template, loaded once per Serve replica."""
+class Preparer:
+    """What turns a request into prompt ids and pixels: tokenizer, template, image settings.
+    It loads no weights, so the HTTP ingress runs it on a small CPU replica."""
 
-    def __init__(self, model_uri: str, device: str = "cpu"):
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16  # bf16 on GPU, as trained
-        self.device = torch.device(device)
-        self.model = load_hf(model_uri, dtype=dtype).to(self.device)
+    def __init__(self, model_uri: str):
+        from transformers import AutoConfig
+
+        with storage.local_dir(model_uri, weights=False) as local:
+            config = AutoConfig.from_pretrained(local)
         self.tok = load_tokenizer(model_uri)
-        meta = _read_meta(self.model, model_uri)
+        meta = read_meta(model_uri, config.vision_config.image_size)
         self.template = templates.get(meta["template"])
         self.spec = ImageSpec(size=meta["image_size"], aspect=meta["aspect"])
-        self.num_image_tokens = self.model.config.image_seq_length
-        end = self.template.answer_end  # the token that closes an answer: found once, not per token
-        self.stop_ids = {self.tok.eos_token_id} | (
-            set(self.tok(end, add_special_tokens=False).input_ids[-1:]) if end else set())
+        self.num_image_tokens = config.image_seq_length
 
     def prepare(self, req: Request, max_pixels: int = 50_000_000) -> Prepared:
         """Prompt ids (built by the training code path) and uint8 pixels; ``ImageError`` if bad."""
@@ -108,9 +109,32 @@ class Engine:
         pixels = load_image(req.image, req.image_name, spec) if req.image is not None else None
         return Prepared(req, ids, pixels)
 
+
+class Engine:
+    """One model + tokenizer + template, loaded once per Serve replica."""
+
+    def __init__(self, model_uri: str, device: str = "cpu"):
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16  # bf16 on GPU, as trained
+        self.device = torch.device(device)
+        self.model = load_hf(model_uri, dtype=dtype).to(self.device)
+        self.preparer = Preparer(model_uri)
+        self.prepare = self.preparer.prepare
+        self.tok = self.preparer.tok
+        end = self.preparer.template.answer_end  # the token that closes an answer: found once
+        self.stop_ids = {self.tok.eos_token_id} | (
+            set(self.tok(end, add_special_tokens=False).input_ids[-1:]) if end else set())
+        self._lock = threading.Lock()
+        self.decoding = 0  # rows decoding now, over all concurrent batches
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.decoding += n
+
     @torch.inference_mode()
     def generate_batch(self, batch: list[Prepared]) -> Iterator[list[Chunk | None]]:
-        """Decode all requests together, yielding one chunk per unfinished request per step."""
+        """Decode all requests together, yielding one chunk per unfinished request per step.
+        A finished or cancelled request leaves the batch: its row is dropped from the KV
+        cache, so the others decode a smaller batch and an abandoned batch ends at once."""
         reqs = [p.req for p in batch]
         ids, mask, pixels = self._collate(batch)
         gens = [_generator(r) for r in reqs]
@@ -118,37 +142,42 @@ class Engine:
         done = [False] * len(reqs)
         texts = [""] * len(reqs)
         sent = [0] * len(reqs)  # characters of each text already streamed
+        live = list(range(len(reqs)))  # request index of each row still in the batch
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         pixel_values=pixels, use_cache=True)
-        cache, step = out.cache, 0
-        logits = out.logits[:, -1]
-        while True:
-            logits = logits.float().cpu()  # sampling (and its seeded generators) on the CPU
-            next_ids = [self._sample_or_error(logits[i], reqs[i], gens[i]) for i in range(len(reqs))]
-            chunks: list[Chunk | None] = []
-            for i, (r, t) in enumerate(zip(reqs, next_ids, strict=True)):
-                if done[i]:
-                    chunks.append(None)
-                    continue
-                if isinstance(t, str):  # this request's sampling failed: it alone ends
-                    done[i] = True
-                    chunks.append(Chunk("", error=t))
-                    continue
-                delta, reason = self._advance(i, r, t, decoders[i], texts, sent, step)
-                done[i] = reason is not None
-                result = Result(texts[i], reason, len(batch[i].ids), step + 1) if reason else None
-                chunks.append(Chunk(delta, result))
-            yield chunks
-            step += 1
-            if all(done):
-                return
-            next_ids = [t if isinstance(t, int) else self.tok.pad_token_id for t in next_ids]  # failed: a placeholder
-            mask = torch.cat([mask, mask.new_ones(len(reqs), 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = self.model(input_ids=torch.tensor(next_ids, device=self.device)[:, None], attention_mask=mask,
-                             position_ids=positions, cache=cache, use_cache=True)
-            cache, logits = out.cache, out.logits[:, -1]
+        self._count(len(reqs))
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             pixel_values=pixels, use_cache=True)
+            cache, step, logits = out.cache, 0, out.logits[:, -1].float().cpu()
+            while True:
+                chunks: list[Chunk | None] = [None] * len(reqs)
+                token: dict[int, int] = {}
+                for row, i in enumerate(live):  # sampling (and its seeded generators) on the CPU
+                    t = self._sample_or_error(logits[row], reqs[i], gens[i])
+                    if isinstance(t, str):  # this request's sampling failed: it alone ends
+                        done[i], chunks[i] = True, Chunk("", error=t)
+                        continue
+                    delta, reason = self._advance(i, reqs[i], t, decoders[i], texts, sent, step)
+                    done[i], token[i] = reason is not None, t
+                    chunks[i] = Chunk(delta, Result(texts[i], reason, len(batch[i].ids), step + 1)
+                                      if reason else None)
+                yield chunks
+                step += 1
+                keep = [row for row, i in enumerate(live) if not done[i] and not batch[i].cancelled]
+                if not keep:
+                    return
+                if len(keep) < len(live):
+                    self._count(len(keep) - len(live))
+                    cache.batch_select_indices(torch.tensor(keep, device=self.device))
+                    mask, positions, live = mask[keep], positions[keep], [live[row] for row in keep]
+                mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                tokens = torch.tensor([token[i] for i in live], device=self.device)[:, None]
+                out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                                 cache=cache, use_cache=True)
+                cache, logits = out.cache, out.logits[:, -1].float().cpu()
+        finally:
+            self._count(-len(live))
 
     def _advance(self, i, r: Request, token: int, dec: IncrementalDecoder, texts, sent, step):
         """Append one token to request ``i``; return (delta, finish reason or None). Text that
@@ -218,9 +247,9 @@ def _generator(r: Request) -> torch.Generator | str:
         return f"seed {r.seed}: {e}"
 
 
-def _read_meta(model, uri: str) -> dict:
+def read_meta(uri: str, image_size: int) -> dict:
     """Template and image settings saved with the model (defaults: Qilin-Med-VL's)."""
-    meta = {"template": "v1", "aspect": "pad", "image_size": model.config.vision_config.image_size}
+    meta = {"template": "v1", "aspect": "pad", "image_size": image_size}
     path = storage.join(uri, META_FILE)
     if storage.exists(path):
         meta.update(json.loads(storage.read_text(path)))

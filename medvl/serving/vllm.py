@@ -2,7 +2,8 @@
 
 vLLM loads ``LlavaForConditionalGeneration`` directories natively and exposes the same
 OpenAI routes, with paged attention and continuous batching; on CPU our own deployment
-(``medvl.serving.app``) is used instead. Needs ``pip install "ray[llm]"`` on GPU nodes.
+(``medvl.serving.app``) is the default there, and vLLM's CPU build (``make vllm``) serves
+through this path too when the replicas are given no GPU. Needs ``pip install "ray[llm]"``.
 """
 
 from __future__ import annotations
@@ -43,10 +44,15 @@ def build_vllm_app(cfg: ServeConfig, options: dict | None = None) -> serve.Appli
         raise ImportError(f"backend: vllm needs vLLM on the serving nodes "
                           f"(pip install 'ray[llm]'): {e}") from e
     actor = (options or {}).get("ray_actor_options", {})
+    # Replicas placed without a GPU run vLLM's CPU build (its multiprocessing executor: vLLM's
+    # CPU platform refuses the Ray executor that ray.serve.llm picks for GPUs).
+    on_cpu = options is not None and not actor.get("num_gpus")
+    hardware = ({"accelerator_config": {"kind": "cpu"}} if on_cpu
+                else {"accelerator_type": actor.get("accelerator_type")})
     llm = LLMConfig(
         model_loading_config={"model_id": cfg.model_name, "model_source": cfg.model},
         engine_kwargs={"max_model_len": cfg.max_prompt_tokens + cfg.max_tokens_cap},
-        accelerator_type=actor.get("accelerator_type"),
+        **hardware,
         deployment_config={"autoscaling_config": (options or {}).get(
             "autoscaling_config", {"min_replicas": 2, "max_replicas": 4})},  # GPU clusters: no single point
     )

@@ -56,7 +56,7 @@ def test_sse_wire_format_ends_with_done(server):
 
 
 def test_models_health_openapi(server):
-    assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
+    assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok", "decoding": 0}
     models = requests.get(f"{server}/v1/models", headers=HEADERS, timeout=10).json()
     assert [m["id"] for m in models["data"]] == ["medvl"]
     assert _client(server).models.retrieve("medvl").id == "medvl"
