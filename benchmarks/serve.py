@@ -9,6 +9,9 @@
    Target: TTFT p50 <=25% of total p50.
 4. An authenticated request's p50 while 200 unauthenticated uploads are held half-sent.
    Target: <=1 s.
+5. Replica RSS increase (HTTP front and model replica, sampled every 5 ms) for the worst
+   uploads under the default limits: a 50-megapixel PNG and JPEG, a 20000x1 PNG (the pad
+   canvas bomb), an 8-frame RLE DICOM of 4096x4096, a 10 MB text prompt. Target: <=300 MB.
 
 Usage: python benchmarks/serve.py [--requests 128] [--max-tokens 16]
 """
@@ -113,6 +116,71 @@ def under_flood(url: str, port: int, half_open: int, n: int, max_tokens: int) ->
             s.close()
 
 
+def worst_uploads() -> dict[str, tuple[str, str]]:
+    """name -> (MIME type, base64 payload) of uploads at or past the default limits."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    from medvl.data.demo import find_dicom_files
+
+    def encoded(img: Image.Image, fmt: str) -> str:
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    side = 7071  # 50.0 megapixels, the default max_image_pixels
+    big = Image.linear_gradient("L").resize((side, side)).convert("RGB")  # compresses to < 10 MB
+    ds = pydicom.dcmread(find_dicom_files()["MR_small.dcm"])
+    frame = np.kron(ds.pixel_array, np.ones((64, 64), ds.pixel_array.dtype))  # 4096 x 4096
+    ds.NumberOfFrames, ds.Rows, ds.Columns = 8, *frame.shape
+    ds.compress(RLELossless, np.stack([frame] * 8))
+    dcm = io.BytesIO()
+    ds.save_as(dcm)
+    return {"PNG 7071x7071 (50 MP)": ("image/png", encoded(big, "PNG")),
+            "JPEG 7071x7071 (50 MP)": ("image/jpeg", encoded(big, "JPEG")),
+            "PNG 20000x1": ("image/png", encoded(Image.new("RGB", (20000, 1)), "PNG")),
+            "DICOM 8 x 4096x4096 RLE": ("application/dicom", base64.b64encode(dcm.getvalue()).decode()),
+            "10 MB text prompt": ("", "")}
+
+
+def replica_pids() -> list[int]:
+    """Our Serve replicas (front and model), found by the process titles Ray gives them."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("MedVLChat" in c or "MedVLModel" in c for c in p.info["cmdline"] or [])]
+
+
+def upload_rss(url: str) -> dict[str, tuple[int, float]]:
+    """name -> (HTTP status, largest RSS increase in MB over any replica) per worst upload."""
+    import threading
+
+    import psutil
+
+    procs = [psutil.Process(pid) for pid in replica_pids()]
+    out = {}
+    for name, (mime, payload) in worst_uploads().items():
+        base = [p.memory_info().rss for p in procs]
+        peak, stop = list(base), threading.Event()
+
+        def sample(peak=peak, stop=stop):
+            while not stop.is_set():
+                for i, p in enumerate(procs):
+                    peak[i] = max(peak[i], p.memory_info().rss)
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        content = ([{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{payload}"}},
+                    {"type": "text", "text": QUESTION}] if mime else "问" * 3_000_000)  # 9 MB of UTF-8
+        r = requests.post(f"{url}/v1/chat/completions", timeout=300, json={
+            "model": "medvl", "max_tokens": 4, "messages": [{"role": "user", "content": content}]})
+        stop.set()
+        sampler.join()
+        out[name] = (r.status_code, max(b - a for a, b in zip(base, peak, strict=True)) / 2**20)
+    return out
+
+
 def direct_p50(model: str, n: int, max_tokens: int) -> float:
     """The same request in-process: encode + generate on the engine, no HTTP, no Serve."""
     engine = Engine(model)
@@ -159,6 +227,9 @@ def main() -> None:
         f.write("sk-bench\n")
     run_local(ServeConfig(model=model, api_key_file=keys, body_timeout_s=60), port=port, blocking=False)
     flood = under_flood(url, port, 200, 20, args.max_tokens)
+    run_local(ServeConfig(model=model), port=port, blocking=False)  # the default limits
+    load(url, 4, 1, args.max_tokens)  # warm both replicas before their idle RSS is taken
+    uploads = upload_rss(url)
     serve.shutdown()
     ray.shutdown()
     direct = direct_p50(model, 30, args.max_tokens)
@@ -177,6 +248,11 @@ def main() -> None:
           f"{stream['total_ms']:.0f} ms, TTFT/total {share:.2f} (target <=0.25)  {'MET' if share <= 0.25 else 'MISSED'}")
     print(f"authenticated p50 with 200 half-sent unauthenticated uploads held: {flood:.0f} ms "
           f"(target <=1000 ms)  {'MET' if flood <= 1000 else 'MISSED'}")
+    print(f"\n{'worst upload under the default limits':<36}{'HTTP':>6}{'replica RSS +MB':>17}")
+    for name, (status, mb) in uploads.items():
+        print(f"{name:<36}{status:>6}{mb:>17.0f}")
+    worst = max(mb for _, mb in uploads.values())
+    print(f"largest replica RSS increase: {worst:.0f} MB (target <=300 MB)  {'MET' if worst <= 300 else 'MISSED'}")
 
 
 if __name__ == "__main__":
