@@ -109,15 +109,7 @@ def test_a_crashed_replica_answers_its_requests_with_openai_503s(long_server):
     events = out["stream"]
     assert events[-1] == b"data: [DONE]"
     assert json.loads(events[-2][len(b"data: "):])["error"]["code"] == "model_unavailable"
-    # Serve replaces the replica; the endpoint answers again.
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{long_server}/healthz", timeout=30).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
+    wait_healthy(long_server)  # Serve replaces the replica; the endpoint answers again
     r = requests.post(f"{long_server}/v1/chat/completions", timeout=300,
                       json={**_body(False), "max_tokens": 4})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

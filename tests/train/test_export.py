@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import LlavaForConditionalGeneration
 
-from medvl.model.build import load_hf
+from medvl.model.build import checkpoint_key, load_hf
 from medvl.train.loop import CKPT_TAG
 
 INDEX = "model.safetensors.index.json"
@@ -44,7 +44,8 @@ def test_zero3_export_is_sharded_and_equals_the_gathered_weights(stage1, stage2)
     ckpt = _final_checkpoint(os.path.dirname(hf), "stage2")
     trained = get_fp32_state_dict_from_zero_checkpoint(ckpt, tag=CKPT_TAG, exclude_frozen_parameters=True)
     assert trained and all("vision_tower" not in k for k in trained)  # frozen: not in the checkpoint
-    init = dict(load_hf(stage1["hf"]).named_parameters())
+    trained = {checkpoint_key(k): v for k, v in trained.items()}  # files use llava-hf names
+    init = {checkpoint_key(k): v for k, v in load_hf(stage1["hf"]).named_parameters()}
     assert set(exported) == set(init)
     for key, tensor in exported.items():
         assert tensor.dtype == torch.float32  # the CPU demo's training dtype
