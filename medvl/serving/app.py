@@ -123,6 +123,13 @@ class ModelDeployment:
         finally:
             prepared.cancelled = True
 
+    async def complete(self, prepared: Prepared) -> Chunk:
+        """A non-streaming request: its last chunk only, one object back instead of one per token."""
+        async for chunk in self.generate(prepared):
+            if chunk.error is not None or chunk.result is not None:
+                return chunk
+        return Chunk("", error="generation ended without a result")
+
     def decoding(self) -> int:
         """Requests decoding on this replica now (``/healthz`` reports it)."""
         return self.engine.decoding
@@ -213,26 +220,20 @@ class ChatDeployment:
             errors = getattr(e, "errors", lambda: [])()
             raise RequestValidationError(errors or [{"msg": str(e)}]) from e
         prepared = await asyncio.to_thread(self._prepare, body)  # decode + tokenise off the event loop
-        chunks = self.streams.generate.remote(prepared)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = self.streams.generate.remote(prepared)
             return StreamingResponse(self._sse(chunks, usage), media_type="text/event-stream")
         try:
-            async for chunk in chunks:
-                if chunk.error is not None:
-                    raise APIError(500, chunk.error, "server_error", "generation_failed")
-                if chunk.result is not None:
-                    return completion_body(chunk.result, self.cfg.model_name)
+            chunk = await self.model.complete.remote(prepared)  # a client gone cancels it there too
         except REPLICA_LOST as e:
             raise _replica_lost(e) from e
-        except APIError:
-            raise
         except Exception as e:  # noqa: BLE001 - the whole batch failed: an OpenAI-shaped 500, not a bare one
             raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error",
                            "generation_failed") from e
-        finally:
-            chunks.cancel()  # a client gone (or an answer complete): nothing more is decoded for it
-        raise APIError(500, "generation ended without a result", "server_error")
+        if chunk.error is not None:
+            raise APIError(500, chunk.error, "server_error", "generation_failed")
+        return completion_body(chunk.result, self.cfg.model_name)
 
     def _prepare(self, body: ChatCompletionRequest) -> Prepared:
         req = to_engine_request(body, self.cfg)
