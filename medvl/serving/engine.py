@@ -94,9 +94,9 @@ class Preparer:
     def __init__(self, model_uri: str):
         from transformers import AutoConfig
 
-        with storage.local_dir(model_uri, weights=False) as local:
+        with storage.local_dir(model_uri, weights=False) as local:  # one fetch for both (S3)
             config = AutoConfig.from_pretrained(local)
-        self.tok = load_tokenizer(model_uri)
+            self.tok = load_tokenizer(model_uri)  # enters the same cache entry while it is held
         meta = read_meta(model_uri, config.vision_config.image_size)
         self.template = templates.get(meta["template"])
         self.spec = ImageSpec(size=meta["image_size"], aspect=meta["aspect"])

@@ -55,6 +55,13 @@ def ours(model: str, records: str, images: str, out: str, limit: int) -> None:
     print(f"ours: {len(cases)} greedy answers -> {out}")
 
 
+def _messages(case: dict) -> list[dict]:
+    """One user turn in OpenAI's format: the case's PNG and question."""
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{case['png']}"}},
+        {"type": "text", "text": case["question"]}]}]
+
+
 def vllm(model: str, answers: str) -> int:
     from vllm import LLM, SamplingParams
 
@@ -62,9 +69,7 @@ def vllm(model: str, answers: str) -> int:
         cases = json.load(f)
     llm = LLM(model=model, dtype="float32", max_model_len=512, limit_mm_per_prompt={"image": 1})
     params = SamplingParams(temperature=0.0, max_tokens=32)
-    conversations = [[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{c['png']}"}},
-        {"type": "text", "text": c["question"]}]}] for c in cases]
+    conversations = [_messages(c) for c in cases]
     outputs = llm.chat(conversations, params)
     same = 0
     print(f"{'record':<24} {'same':<5} medvl | vLLM")
@@ -96,10 +101,8 @@ def serve_vllm(model: str, answers: str, port: int = 18123, cases_n: int = 8) ->
         print("models:", [m.id for m in client.models.list().data])
         same = 0
         for case in cases:
-            r = client.chat.completions.create(model="medvl", max_tokens=32, temperature=0, messages=[
-                {"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{case['png']}"}},
-                    {"type": "text", "text": case["question"]}]}])
+            r = client.chat.completions.create(model="medvl", max_tokens=32, temperature=0,
+                                               messages=_messages(case))
             theirs = (r.choices[0].message.content or "").strip()  # vLLM keeps the space v1 puts first
             same += theirs == case["answer"]
             print(f"{case['id']:<24} {str(theirs == case['answer']):<5} {case['answer']} | {theirs}")
