@@ -27,10 +27,19 @@ from medvl.data.images import ImageError, ImageSpec, check_size
 PERCENTILES = (0.5, 99.5)
 
 
-def _to_uint8(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    if hi <= lo:
-        hi = lo + 1.0
-    return (np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+def _scale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """float32 x mapped linearly onto 0..255 (lo -> 0, hi -> 255) and clipped, in place:
+    a 4096x4096 frame is 64 MB of float32, and each temporary of an expression would cost
+    as much again."""
+    x -= lo
+    x *= 255.0 / max(hi - lo, 1e-6)
+    return np.clip(x, 0.0, 255.0, out=x)
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    """0..255 float32 (overwritten) -> rounded uint8."""
+    x += 0.5
+    return x.astype(np.uint8)
 
 
 def _first(value) -> float:
@@ -42,7 +51,7 @@ def _stored_window(ds: pydicom.Dataset, x: np.ndarray) -> np.ndarray | None:
     """The file's own VOI transform, mapped onto 0..255 as DICOM PS3.3 C.11.2.1.2 defines it
     (LINEAR, LINEAR_EXACT, SIGMOID windows; a VOI LUT scaled by its output bit depth), or
     None when the file has none or a broken one (a zero window width is common in the
-    wild: such a file still has a usable picture)."""
+    wild: such a file still has a usable picture). Windows overwrite ``x``."""
     if "VOILUTSequence" in ds:
         try:
             lut = ds.VOILUTSequence[0]
@@ -56,23 +65,35 @@ def _stored_window(ds: pydicom.Dataset, x: np.ndarray) -> np.ndarray | None:
     c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
     function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
     if function == "SIGMOID" and w > 0:
-        return 255.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+        x -= c
+        x *= -4.0 / w
+        np.exp(x, out=x)
+        x += 1.0
+        return np.divide(255.0, x, out=x)
     if function == "LINEAR_EXACT" and w > 0:
-        lo, hi = c - w / 2, c + w / 2
-    elif w >= 1:  # LINEAR: the window's edges are c - 0.5 -/+ (w - 1) / 2
-        lo, hi = c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
-    else:
-        return None
-    return np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0) * 255.0
+        return _scale(x, c - w / 2, c + w / 2)
+    if w >= 1:  # LINEAR: the window's edges are c - 0.5 -/+ (w - 1) / 2
+        return _scale(x, c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2)
+    return None
+
+
+def _modality(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
+    """Stored values -> float32 modality units. The linear rescale is done here in float32
+    (pydicom's goes through float64: twice the memory for the same picture)."""
+    if "ModalityLUTSequence" in ds:
+        return apply_modality_lut(arr, ds).astype(np.float32)
+    x = arr.astype(np.float32)
+    x *= float(ds.get("RescaleSlope", 1.0) or 1.0)
+    x += float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return x
 
 
 def _monochrome(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
-    x = apply_modality_lut(arr, ds).astype(np.float32)
+    x = _modality(ds, arr)
     windowed = _stored_window(ds, x)
-    if windowed is not None:
-        gray = (windowed + 0.5).astype(np.uint8)
-    else:
-        gray = _to_uint8(x, *(float(v) for v in np.percentile(x, PERCENTILES)))
+    if windowed is None:
+        windowed = _scale(x, *(float(v) for v in np.percentile(x, PERCENTILES)))
+    gray = _to_uint8(windowed)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         gray = 255 - gray
     return gray
@@ -87,7 +108,7 @@ def _colour(ds: pydicom.Dataset, arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
     x = arr.astype(np.float32)
-    return _to_uint8(x, float(x.min()), float(x.max()))
+    return _to_uint8(_scale(x, float(x.min()), float(x.max())))
 
 
 def dicom_to_rgb(data: bytes, max_pixels: int) -> np.ndarray:
