@@ -182,7 +182,12 @@ def upload_rss(url: str) -> dict[str, tuple[int, float]]:
 
 
 def direct_p50(model: str, n: int, max_tokens: int) -> float:
-    """The same request in-process: encode + generate on the engine, no HTTP, no Serve."""
+    """The same request in-process: encode + generate on the engine, no HTTP, no Serve.
+    With one intra-op thread, as the replica has (Ray sets OMP_NUM_THREADS to its num_cpus=1):
+    the difference is then Serve's alone, not a thread count."""
+    import torch
+
+    torch.set_num_threads(1)
     engine = Engine(model)
     req = Request(turns=[(f"<image>\n{QUESTION}", None)], image=png_bytes(), max_tokens=max_tokens)
     times = []
@@ -216,7 +221,9 @@ def main() -> None:
     for batch in (16, 1):
         cfg = ServeConfig(model=model, max_batch_size=batch, batch_wait_timeout_s=0.01)
         run_local(cfg, port=port, blocking=False)
-        load(url, args.clients, args.clients, args.max_tokens)  # warm-up
+        # Warm-up as long as the run: a fresh replica's first batch shapes (sizes 1..16 x
+        # growing lengths) are slow once each, and a short warm-up left them in the measurement.
+        load(url, args.requests, args.clients, args.max_tokens)
         rows[batch] = load(url, args.requests, args.clients, args.max_tokens)
     one_client = load(url, 30, 1, args.max_tokens)
     run_local(ServeConfig(model=model, max_batch_size=16, batch_wait_timeout_s=0.01), port=port, blocking=False)

@@ -112,15 +112,20 @@ class ModelDeployment:
         # A replica given a GPU (ray_actor_options num_gpus) sees exactly that one.
         self.engine = Engine(cfg.model, device="cuda" if torch.cuda.is_available() else "cpu")
         self._generate.set_max_batch_size(cfg.max_batch_size)
-        self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.batch_wait_s, self.ongoing = cfg.batch_wait_timeout_s, 0
 
     async def generate(self, prepared: Prepared) -> AsyncIterator[Chunk]:
-        """One request's chunks. A caller that goes away cancels this call; the request is
-        then marked, and its row leaves the batch at the next step."""
+        """One request's chunks. A request that finds the replica idle starts at once (there
+        is no one to wait for); one arriving while others decode waits up to
+        ``batch_wait_timeout_s`` for company. A caller that goes away cancels this call; the
+        request is then marked, and its row leaves the batch at the next step."""
+        self._generate.set_batch_wait_timeout_s(self.batch_wait_s if self.ongoing else 0.0)
+        self.ongoing += 1
         try:
             async for chunk in self._generate(prepared):
                 yield chunk
         finally:
+            self.ongoing -= 1
             prepared.cancelled = True
 
     async def complete(self, prepared: Prepared) -> Chunk:
