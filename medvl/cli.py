@@ -11,10 +11,7 @@ import dataclasses
 import json
 import sys
 import typing
-from collections.abc import Callable
 from typing import Any
-
-from medvl import config
 
 
 def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
@@ -36,13 +33,18 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
 
 
 def _config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    flags = [f"{f.name}={getattr(args, f.name)}" for f in dataclasses.fields(cls)
-             if getattr(args, f.name, None) is not None]
-    return config.load(cls, args.config, flags + list(args.overrides), section=args.section)
+    """Recipe section, then ``key=value`` overrides, then the typed ``--flags`` (already parsed:
+    ``--output 2024`` is the string "2024", not YAML's integer)."""
+    from medvl import config
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
+    return config.load(cls, args.config, list(args.overrides), section=args.section, values=flags)
 
 
 def _placement(args: argparse.Namespace):
     """The recipe's ``placement:`` section (defaults: cluster/aws.yaml's node types)."""
+    from medvl import config
     from medvl.placement import Placement
 
     return config.load(Placement, args.config, section="placement") if args.config else Placement()
@@ -63,7 +65,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if args.section is None and args.stage is not None:
         args.section = f"stage{args.stage}"  # recipes hold one section per stage
-    print(json.dumps(train(_config_from_args(TrainConfig, args), _placement(args)), indent=2))
+    cfg = _config_from_args(TrainConfig, args)
+    print(json.dumps(train(cfg, _placement(args), resume=args.resume, overwrite=args.overwrite), indent=2))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -83,7 +86,8 @@ def cmd_import_vqa(args: argparse.Namespace) -> None:
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from medvl.pipeline import run_pipeline
 
-    run_pipeline(args.config, args.output, args.only, args.start, args.until, args.keep_serving, args.force)
+    run_pipeline(args.config, args.output, args.only, args.start, args.until, args.keep_serving, args.force,
+                 resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -95,12 +99,22 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from medvl.serving.api import ServeConfig
     from medvl.serving.app import run_local
+    from medvl.serving.chat import check_model_dir
 
     cfg = _config_from_args(ServeConfig, args)
     if not cfg.model:
         raise ValueError("serve: --model is required")
+    check_model_dir(cfg.model)
     print(f"serving {cfg.model} as {cfg.model_name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
     run_local(cfg, args.host, args.port, blocking=True)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from medvl.serving.chat import chat
+
+    for delta in chat(args.model, args.question, args.image, args.max_tokens, args.temperature):
+        print(delta, end="", flush=True)
+    print()
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -118,75 +132,126 @@ def cmd_export_projector(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} (LLaVA pretrain_mm_mlp_adapter format)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from medvl.data.preprocess import PreprocessConfig
-    from medvl.eval.evaluate import EvalConfig
+def _args_demo_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, help="directory to write the corpus to")
+    p.add_argument("--variants", type=int, default=10, help="augmented copies per training image")
+    p.add_argument("--seed", type=int, default=0, help="augmentation seed")
+
+
+def _args_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--src", required=True, help="original LLaVA-layout directory (path or s3://)")
+    p.add_argument("--vision-tower", required=True, help="CLIP vision tower directory (path or s3://)")
+    p.add_argument("--dst", required=True, help="output HF directory (path or s3://)")
+
+
+def _args_export_projector(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory (path or s3://)")
+    p.add_argument("--output", required=True, help="file to write, e.g. mm_projector.bin")
+
+
+def _args_rerun(p: argparse.ArgumentParser) -> None:
+    """What to do with an output that already holds a run of a different config."""
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="an output holding a run of another config: continue that run as saved")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="an output holding a run of another config: delete it and start over")
+
+
+def _args_train(p: argparse.ArgumentParser) -> None:
+    _args_rerun(p)
+
+
+def _args_pipeline(p: argparse.ArgumentParser) -> None:
+    from medvl.pipeline import STEPS
+
+    p.add_argument("--config", required=True, help="YAML recipe (workflows/configs/*.yaml)")
+    p.add_argument("--output", help="run URI; replaces the recipe's `run` (and every ${run} in it)")
+    p.add_argument("--only", choices=STEPS, help="run just this step")
+    p.add_argument("--from", dest="start", choices=STEPS, help="start at this step")
+    p.add_argument("--until", choices=STEPS, help="stop after this step")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="local Ray: keep the endpoint up after the check request (Ctrl-C stops)")
+    p.add_argument("--force", action="store_true", help="redo selected steps even if complete")
+    _args_rerun(p)
+
+
+def _args_import_vqa(p: argparse.ArgumentParser) -> None:
     from medvl.eval.importers import IMPORTERS
-    from medvl.serving.api import ServeConfig
-    from medvl.train.config import TrainConfig
+
+    p.add_argument("--format", required=True, choices=sorted(IMPORTERS), help="the release's layout")
+    p.add_argument("--src", required=True, help="unpacked release directory (path or s3://)")
+    p.add_argument("--output", required=True, help="records file to write (.jsonl)")
+    p.add_argument("--split", default="test", help="split to import (vqa-rad: test|train|all)")
+    p.add_argument("--lang", default="all", choices=["all", "en", "zh"], help="SLAKE: question language")
+
+
+def _args_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+
+
+def _args_chat(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="exported HF model directory (RUN/model, or s3://)")
+    p.add_argument("--image", help="DICOM, PNG or JPEG file the question is about")
+    p.add_argument("--max-tokens", type=int, default=128, help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (deterministic)")
+    p.add_argument("question", help="the question, e.g. \"这是什么检查？\"")
+
+
+# name -> (help, "module:ConfigClass" whose fields become flags, or None). Modules are
+# imported only for the command being run, so `medvl --help` starts no torch, Ray or HF.
+COMMANDS: dict[str, tuple[str, str | None]] = {
+    "pipeline": ("the whole job: preprocess -> stage 1 -> stage 2 -> evaluate -> export -> deploy", None),
+    "preprocess": ("LLaVA/ChiMed-VL records + images -> Parquet shards (Ray Data)",
+                   "medvl.data.preprocess:PreprocessConfig"),
+    "train": ("one curriculum stage on Ray Train + DeepSpeed (--stage 1|2)", "medvl.train.config:TrainConfig"),
+    "eval": ("medical VQA evaluation with Ray Data batch inference -> metrics + report",
+             "medvl.eval.evaluate:EvalConfig"),
+    "serve": ("serve an exported model behind an OpenAI-compatible endpoint (Ray Serve)",
+              "medvl.serving.api:ServeConfig"),
+    "chat": ("ask an exported model one question about one image, streamed (no Ray)", None),
+    "demo-data": ("build the demo corpus from real DICOM files that install offline", None),
+    "import-vqa": ("VQA-RAD / SLAKE / PathVQA / PMC-VQA release files -> eval records", None),
+    "convert": ("original LLaVA / Qilin-Med-VL checkpoint -> HF LlavaForConditionalGeneration", None),
+    "export-projector": ("HF model's projector -> LLaVA's mm_projector.bin", None),
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medvl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s flags are built (they need its config class)."""
+    import importlib
 
     parser = argparse.ArgumentParser(prog="medvl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands: list[tuple[str, str, Callable, type | None]] = [
-        ("preprocess", "LLaVA/ChiMed-VL records + images -> Parquet shards (Ray Data)",
-         cmd_preprocess, PreprocessConfig),
-        ("train", "one curriculum stage on Ray Train + DeepSpeed (--stage 1|2)", cmd_train, TrainConfig),
-        ("eval", "medical VQA evaluation with Ray Data batch inference -> metrics + report",
-         cmd_eval, EvalConfig),
-        ("import-vqa", "VQA-RAD / SLAKE / PathVQA / PMC-VQA release files -> eval records",
-         cmd_import_vqa, None),
-        ("pipeline", "the whole job: preprocess -> stage 1 -> stage 2 -> evaluate -> export -> deploy",
-         cmd_pipeline, None),
-        ("demo-data", "build the demo corpus from real DICOM files that install offline",
-         cmd_demo_data, None),
-        ("serve", "serve an exported model behind an OpenAI-compatible endpoint (Ray Serve)",
-         cmd_serve, ServeConfig),
-        ("convert", "original LLaVA / Qilin-Med-VL checkpoint -> HF LlavaForConditionalGeneration",
-         cmd_convert, None),
-        ("export-projector", "HF model's projector -> LLaVA's mm_projector.bin", cmd_export_projector, None),
-    ]
-    for name, help_, fn, cls in commands:
+    parser.add_argument("--version", action="version", version=f"medvl {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, cls_path) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(fn=fn)
-        if cls is not None:
-            _add_config_flags(p, cls)
-    demo = sub.choices["demo-data"]
-    demo.add_argument("--output", required=True, help="directory to write the corpus to")
-    demo.add_argument("--variants", type=int, default=10, help="augmented copies per training image")
-    demo.add_argument("--seed", type=int, default=0, help="augmentation seed")
-    conv = sub.choices["convert"]
-    conv.add_argument("--src", required=True, help="original LLaVA-layout directory (path or s3://)")
-    conv.add_argument("--vision-tower", required=True, help="CLIP vision tower directory (path or s3://)")
-    conv.add_argument("--dst", required=True, help="output HF directory (path or s3://)")
-    exp = sub.choices["export-projector"]
-    exp.add_argument("--model", required=True, help="HF model directory (path or s3://)")
-    exp.add_argument("--output", required=True, help="file to write, e.g. mm_projector.bin")
-    from medvl.pipeline import STEPS
-
-    pipe = sub.choices["pipeline"]
-    pipe.add_argument("--config", required=True, help="YAML recipe (workflows/configs/*.yaml)")
-    pipe.add_argument("--output", help="run URI; replaces the recipe's `run` (and every ${run} in it)")
-    pipe.add_argument("--only", choices=STEPS, help="run just this step")
-    pipe.add_argument("--from", dest="start", choices=STEPS, help="start at this step")
-    pipe.add_argument("--until", choices=STEPS, help="stop after this step")
-    pipe.add_argument("--keep-serving", action="store_true",
-                      help="local Ray: keep the endpoint up after the check request (Ctrl-C stops)")
-    pipe.add_argument("--force", action="store_true", help="redo selected steps even if complete")
-    imp = sub.choices["import-vqa"]
-    imp.add_argument("--format", required=True, choices=sorted(IMPORTERS), help="the release's layout")
-    imp.add_argument("--src", required=True, help="unpacked release directory (path or s3://)")
-    imp.add_argument("--output", required=True, help="records file to write (.jsonl)")
-    imp.add_argument("--split", default="test", help="split to import (vqa-rad: test|train|all)")
-    imp.add_argument("--lang", default="all", choices=["all", "en", "zh"], help="SLAKE: question language")
-    srv = sub.choices["serve"]
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    srv.add_argument("--port", type=int, default=8000, help="HTTP port")
+        ident = name.replace("-", "_")
+        p.set_defaults(fn=globals()[f"cmd_{ident}"])
+        if name != command:
+            continue
+        if cls_path:
+            module, cls = cls_path.split(":")
+            _add_config_flags(p, getattr(importlib.import_module(module), cls))
+        if f"_args_{ident}" in globals():
+            globals()[f"_args_{ident}"](p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
     try:
         args.fn(args)
     except ValueError as e:  # config and input errors: a clear message, not a traceback

@@ -52,6 +52,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # YAML reads `run: 2024` or `output=2024` as a number
     if tp in (int, float, str, bool) and not isinstance(value, tp):
         raise ValueError(f"{name}: expected {tp.__name__}, got {value!r}")
     if tp is int and isinstance(value, bool):
@@ -101,16 +103,22 @@ def expand(value: Any, run: str) -> Any:
 def read_recipe(path: str, run: str | None = None) -> dict[str, Any]:
     """A YAML recipe with ``${run}`` expanded to its top-level ``run`` URI (or ``run`` given here),
     so one line moves a whole run, e.g. from ``runs/demo`` to ``s3://bucket/run``."""
-    doc = yaml.safe_load(storage.read_text(path)) or {}
+    if not storage.exists(path):
+        raise ValueError(f"{path}: no such recipe file (the recipes are in workflows/configs/)")
+    try:
+        doc = yaml.safe_load(storage.read_text(path)) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     run = storage.absolute(str(run or doc.get("run", "")))  # jobs run in another working dir
     return expand({**doc, "run": run}, run)
 
 
 def load(cls: type[T], path: str | None = None, overrides: list[str] | None = None,
-         section: str | None = None) -> T:
-    """Load ``cls`` from a YAML file (optionally one top-level ``section`` of it) + overrides."""
+         section: str | None = None, values: dict[str, Any] | None = None) -> T:
+    """Load ``cls`` from a YAML file (optionally one top-level ``section`` of it), then
+    ``key=value`` overrides, then already-typed ``values`` (the CLI's flags)."""
     data: dict[str, Any] = {}
     if path:
         doc = read_recipe(path)
         data = doc.get(section, {}) if section else doc
-    return from_dict(cls, apply_overrides(dict(data), overrides or []))
+    return from_dict(cls, {**apply_overrides(dict(data), overrides or []), **(values or {})})

@@ -10,7 +10,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # CLIP's image mean as 0-255 integers: LLaVA's ``expand2square`` background colour.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -72,6 +72,8 @@ def decode(data: bytes, name: str, spec: ImageSpec) -> Image.Image:
         raise
     except Image.DecompressionBombError as e:  # over Pillow's own limit before its size is read
         raise ImageError("image_too_large", str(e)) from e
+    except UnidentifiedImageError as e:  # its message is the repr of our in-memory buffer
+        raise ImageError("corrupt_image", "not a PNG, JPEG or DICOM image") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from e
     return img

@@ -20,11 +20,13 @@ import pyarrow as pa
 import ray
 
 from medvl import config, storage
+from medvl.console import init_ray
 from medvl.data import images, records, templates
 from medvl.data.sources import open_records, read_records
 from medvl.data.tokenize import IGNORE, Tokenized, encode_turns
 from medvl.data.writer import ROW_GROUP_ROWS, ROW_SCHEMA, ShardSink
 from medvl.placement import Placement, cpu_task_options
+from medvl.preflight import check_inputs
 from medvl.tokenizer import image_token_id
 from medvl.tokenizer import load as load_tokenizer
 
@@ -157,8 +159,8 @@ def preprocess(cfg: PreprocessConfig, placement: Placement | None = None) -> dic
             raise ValueError(f"preprocess: --{name.replace('_', '-')} is required")
     cfg = dataclasses.replace(cfg, **{k: storage.absolute(getattr(cfg, k))
                                       for k in ("data", "image_root", "output", "tokenizer")})
-    if not ray.is_initialized():
-        ray.init()
+    check_inputs({"data": cfg.data, "image_root": cfg.image_root, "tokenizer": cfg.tokenizer}, outputs=(cfg.output,))
+    init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic shards
     raw = open_records(cfg.data, cfg.output, cfg.shard_records)  # a streaming pass, no records held

@@ -18,11 +18,13 @@ import numpy as np
 import ray
 
 from medvl import storage
+from medvl.console import init_ray
 from medvl.data import images, records
 from medvl.eval import llava_med
 from medvl.eval.metrics import answer_type, score
 from medvl.eval.report import write_report
 from medvl.placement import Placement, actor_options, check_accelerator
+from medvl.preflight import check_inputs
 from medvl.serving.engine import Engine, Request
 
 
@@ -59,7 +61,7 @@ def load_eval_records(uri: str, limit: int = 0) -> list[dict]:
               "prompt": [*rec.turns[:-1], (question, None)],  # earlier turns as given, <image> kept
               "question": question.replace(records.IMAGE, "").strip(), "answer": answer,
               "choices": raw.get("choices"),
-              "modality": raw.get("modality") or "unknown"}
+              "modality": raw.get("modality") or "unknown", "task": raw.get("task") or "vqa"}
         ex["answer_type"] = answer_type({**raw, **ex})
         out.append(ex)
         if limit and len(out) >= limit:
@@ -122,11 +124,12 @@ def evaluate(cfg: EvalConfig, placement: Placement | None = None) -> dict:
             raise ValueError(f"eval: --{name.replace('_', '-')} is required")
     cfg = dataclasses.replace(cfg, **{k: storage.absolute(getattr(cfg, k))
                                       for k in ("model", "data", "image_root", "output")})
+    check_inputs({"model": storage.join(cfg.model, "config.json"), "data": cfg.data, "image_root": cfg.image_root},
+                 outputs=(cfg.output,))
     examples = load_eval_records(cfg.data, cfg.limit)
     if not examples:
         raise ValueError(f"eval: {cfg.data} holds no records")
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     placement = placement or Placement()
     if cfg.use_gpu:
         check_accelerator(placement.serve_accelerator)
