@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medvl import config, storage
+from medvl.console import init_ray
 from medvl.data.preprocess import PreprocessConfig
 from medvl.eval.evaluate import EvalConfig
 from medvl.placement import Placement, check_accelerator, deployment_options, front_options
+from medvl.preflight import check_inputs
+from medvl.rerun import conflict, differences, plain, save_config
 from medvl.serving.api import ServeConfig
 from medvl.train.config import TrainConfig
 
@@ -73,9 +76,15 @@ class Step:
     name: str
     artifact: str  # directory URI holding the step's outputs and its _SUCCESS marker
     config: Any  # hashed: a change re-runs the step
-    run: Callable[[], dict]  # returns the result recorded in the marker and the summary
+    run: Callable[[bool], dict]  # (resume a saved run of another config) -> the result for marker + summary
     deps: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()  # raw input files, fingerprinted by size + mtime
+    owns_config: bool = False  # training writes and checks its own config.yaml (rerun.py)
+
+
+# Steps whose output is a copy or a live app: re-running them loses nothing, so a changed
+# config simply redoes them (no --overwrite needed).
+REPLACEABLE = ("export", "deploy")
 
 
 def load_recipe(path: str, run: str | None = None) -> Recipe:
@@ -97,22 +106,23 @@ def build_steps(r: Recipe, owned_ray: bool, keep_serving: bool) -> list[Step]:
     if r.demo_data is not None:
         d = r.demo_data
         steps.append(Step("demo-data", d.output, d,
-                          lambda: {"counts": build_demo_data(storage.absolute(d.output), d.variants, d.seed)}))
+                          lambda _: {"counts": build_demo_data(storage.absolute(d.output), d.variants, d.seed)}))
     data_dep = ("demo-data",) if r.demo_data is not None else ()
     for name, cfg in (("preprocess-alignment", r.preprocess_alignment),
                       ("preprocess-instruction", r.preprocess_instruction)):
-        steps.append(Step(name, cfg.output, cfg, lambda c=cfg: _counts(preprocess(c, r.placement)), data_dep,
+        steps.append(Step(name, cfg.output, cfg, lambda _, c=cfg: _counts(preprocess(c, r.placement)), data_dep,
                           (cfg.data,)))
     steps += [
-        Step("stage1", r.stage1.output, r.stage1, lambda: train(r.stage1, r.placement), ("preprocess-alignment",)),
-        Step("stage2", r.stage2.output, r.stage2, lambda: train(r.stage2, r.placement),
-             ("stage1", "preprocess-instruction")),
-        Step("evaluate", r.eval.output, r.eval, lambda: _eval_result(evaluate(r.eval, r.placement)),
+        Step("stage1", r.stage1.output, r.stage1, lambda resume: train(r.stage1, r.placement, resume),
+             ("preprocess-alignment",), owns_config=True),
+        Step("stage2", r.stage2.output, r.stage2, lambda resume: train(r.stage2, r.placement, resume),
+             ("stage1", "preprocess-instruction"), owns_config=True),
+        Step("evaluate", r.eval.output, r.eval, lambda _: _eval_result(evaluate(r.eval, r.placement)),
              ("stage2", *data_dep), (r.eval.data,)),
         Step("export", model, {"from": storage.join(r.stage2.output, "hf")},
-             lambda: _export(storage.join(r.stage2.output, "hf"), model), ("stage2",)),
+             lambda _: _export(storage.join(r.stage2.output, "hf"), model), ("stage2",)),
         Step("deploy", storage.join(r.run, "deploy"), {"serve": r.serve, "deploy": r.deploy},
-             lambda: deploy(r, model, owned_ray, keep_serving), ("export", *data_dep)),
+             lambda _: deploy(r, model, owned_ray, keep_serving), ("export", *data_dep)),
     ]
     return steps
 
@@ -122,7 +132,7 @@ def _counts(manifest: dict) -> dict:
 
 
 def _eval_result(metrics: dict) -> dict:
-    return {k: metrics[k] for k in ("n", "errors", "closed_chance", "overall", "by_answer_type")}
+    return {k: metrics[k] for k in ("n", "errors", "closed_chance", "overall", "by_answer_type", "by_task")}
 
 
 def _export(src: str, dst: str) -> dict:
@@ -131,12 +141,19 @@ def _export(src: str, dst: str) -> dict:
     return {"model": dst, "files": len(storage.list_files(dst))}
 
 
-def step_hash(step: Step, markers: dict[str, dict]) -> str:
-    """Config + raw input fingerprints + upstream completions (a re-run upstream re-runs us)."""
-    blob = {"step": step.name, "config": step.config,
+def fingerprint(step: Step, markers: dict[str, dict]) -> dict:
+    """What a step's result depends on: its config (fields that change the result), its raw
+    inputs' size + mtime, and its upstream steps' completions (a re-run upstream re-runs us)."""
+    missing = [u for u in step.inputs if not storage.exists(u)]
+    if missing:
+        raise ValueError(f"{step.name}: {missing[0]} does not exist")
+    return {"step": step.name, "config": plain(step.config, results_only=True),
             "inputs": {u: storage.stamp(u) for u in step.inputs},
             "deps": {d: [markers[d]["hash"], markers[d]["finished_at"]] for d in step.deps if d in markers}}
-    text = json.dumps(blob, sort_keys=True, default=dataclasses.asdict)  # configs are dataclasses
+
+
+def step_hash(step: Step, markers: dict[str, dict]) -> str:
+    text = json.dumps(fingerprint(step, markers), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -157,16 +174,17 @@ def select(names: list[str], only: str | None, start: str | None, until: str | N
 
 
 def run_pipeline(path: str, output: str | None = None, only: str | None = None, start: str | None = None,
-                 until: str | None = None, keep_serving: bool = False, force: bool = False) -> dict:
-    """Run the selected steps of a recipe, skipping completed ones; write and return the summary."""
-    import ray
-
+                 until: str | None = None, keep_serving: bool = False, force: bool = False,
+                 resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the selected steps of a recipe, skipping completed ones; write and return the summary.
+    A step whose output holds a run of another config stops the run unless ``resume`` (keep
+    or continue the saved run) or ``overwrite`` (delete it, redo the step)."""
     recipe = load_recipe(path, output)
     owned = not os.environ.get("RAY_ADDRESS")  # `ray job submit` sets it; `make demo` does not
-    if not ray.is_initialized():
-        ray.init()
     steps = build_steps(recipe, owned, keep_serving)
     chosen = select([s.name for s in steps], only, start, until)
+    check_recipe_inputs(recipe)
+    init_ray()
     markers = {s.name: m for s in steps if (m := read_marker(s.artifact))}
     status: dict[str, dict] = {}
     for step in steps:
@@ -174,7 +192,8 @@ def run_pipeline(path: str, output: str | None = None, only: str | None = None, 
             status[step.name] = {"status": "complete" if step.name in markers else "not run"}
             continue
         try:
-            status[step.name] = run_or_skip(step, markers, force, lambda s=step: _redeploy(s, owned, keep_serving))
+            status[step.name] = run_or_skip(step, markers, Rerun(force, resume, overwrite),
+                                            lambda s=step: _redeploy(s, owned, keep_serving))
         except BaseException:  # the summary says where the run stopped, then the job fails
             status[step.name] = {"status": "failed"}
             write_summary(recipe, path, markers, status)
@@ -182,35 +201,72 @@ def run_pipeline(path: str, output: str | None = None, only: str | None = None, 
     return write_summary(recipe, path, markers, status)
 
 
-def run_or_skip(step: Step, markers: dict[str, dict], force: bool, redeploy: Callable[[], bool]) -> dict:
-    """Skip a step whose marker matches its hash, else run it; return its status entry."""
+@dataclass(frozen=True)
+class Rerun:
+    force: bool = False  # redo complete steps whose config did not change
+    resume: bool = False  # a step holding a run of another config: keep it / continue it as saved
+    overwrite: bool = False  # ... delete it and redo the step
+
+
+def run_or_skip(step: Step, markers: dict[str, dict], how: Rerun, redeploy: Callable[[], bool]) -> dict:
+    """Skip a step whose marker matches its fingerprint, else run it; return its status entry."""
     missing = [d for d in step.deps if d not in markers]
     if missing:
         raise ValueError(f"step {step.name} needs {', '.join(missing)} to have completed first")
+    now = fingerprint(step, markers)
     digest = step_hash(step, markers)
     done = markers.get(step.name)
-    if done and done["hash"] == digest and not force and not redeploy():
+    if done and done["hash"] == digest and not how.force and not redeploy():
         print(f"[pipeline] {step.name}: skipped (complete, hash {digest})", flush=True)
         return {"status": "skipped", "seconds": done["seconds"]}
-    markers[step.name] = run_step(step, digest, done)
+    started = read_marker(step.artifact, STARTED)
+    held = next((m for m in (done, started) if m and m["hash"] != digest), None)
+    resume = False
+    if held and step.name not in REPLACEABLE:
+        if how.resume and done and done["hash"] != digest:
+            print(f"[pipeline] {step.name}: kept as saved (--resume; its config differs from the recipe's)",
+                  flush=True)
+            return {"status": "kept", "seconds": done["seconds"]}
+        if how.resume and step.owns_config:
+            resume = True  # training continues the saved run with its saved config
+        elif how.overwrite:
+            storage.delete_dir(step.artifact)
+        else:
+            diffs = differences(held.get("fingerprint", {}), now) if "fingerprint" in held else [
+                "saved by an older medvl"]
+            raise conflict(f"{step.name}: {step.artifact}", [d.replace("config.", "", 1) for d in diffs])
+    elif held:
+        storage.delete_dir(step.artifact)  # a copy or a live app: nothing is lost
+    markers[step.name] = run_step(step, digest, now, resume)
     return {"status": "ran", "seconds": markers[step.name]["seconds"]}
 
 
-def run_step(step: Step, digest: str, done: dict | None) -> dict:
-    """Run one step; its directory is emptied first unless it holds a crashed run of this config."""
-    started = read_marker(step.artifact, STARTED)
-    if (done and done["hash"] != digest) or (started and started["hash"] != digest):
-        storage.delete_dir(step.artifact)  # outputs of another config must not leak into this run
+def run_step(step: Step, digest: str, now: dict, resume: bool) -> dict:
+    """Run one step, with ``_STARTED`` (its fingerprint) in its directory while it runs."""
     storage.delete_file(storage.join(step.artifact, MARKER))  # a stale marker must not survive a crash
-    storage.write_text(storage.join(step.artifact, STARTED), json.dumps({"hash": digest}))
+    if not resume:
+        storage.write_text(storage.join(step.artifact, STARTED), json.dumps({"hash": digest, "fingerprint": now}))
+    if not step.owns_config:
+        save_config(step.artifact, step.config)
     print(f"[pipeline] {step.name}: running (hash {digest})", flush=True)
     t0 = time.time()
-    result = step.run()
-    marker = {"step": step.name, "hash": digest, "started_at": t0, "finished_at": time.time(),
+    result = step.run(resume)
+    marker = {"step": step.name, "hash": digest, "fingerprint": now, "started_at": t0, "finished_at": time.time(),
               "seconds": round(time.time() - t0, 1), "result": result}
     storage.write_text(storage.join(step.artifact, MARKER), json.dumps(marker, ensure_ascii=False, indent=2))
     print(f"[pipeline] {step.name}: done in {marker['seconds']} s", flush=True)
     return marker
+
+
+def check_recipe_inputs(r: Recipe) -> None:
+    """Before Ray starts: every input the recipe names outside its run directory exists (the
+    ones inside are written by earlier steps) and every S3 bucket it uses is reachable."""
+    sections = {"preprocess_alignment": r.preprocess_alignment, "preprocess_instruction": r.preprocess_instruction,
+                "stage1": r.stage1, "stage2": r.stage2, "eval": r.eval}
+    fields = ("data", "image_root", "tokenizer", "init", "vision_tower", "llm", "model")
+    inputs = {f"{name}.{f}": storage.absolute(getattr(cfg, f)) for name, cfg in sections.items()
+              for f in fields if getattr(cfg, f, "")}
+    check_inputs(inputs, outputs=(r.run,), produced=(r.run,))
 
 
 def _redeploy(step: Step, owned: bool, keep_serving: bool) -> bool:
@@ -333,6 +389,13 @@ def summary_markdown(s: dict) -> str:
             lines.append(f"- {kind} ({g['n']}): {shown}")
         if e["closed_chance"] is not None and "closed_accuracy" in o:
             lines.append(f"- closed accuracy {o['closed_accuracy']:.3f} vs chance {e['closed_chance']:.3f}")
+        for task, g in e.get("by_task", {}).items():
+            if "closed_chance" in g and len(e["by_task"]) > 1:
+                lines.append(f"- {task} questions ({g['n']}): closed accuracy {g['closed_accuracy']:.3f} "
+                             f"vs chance {g['closed_chance']:.3f}")
+        if "finding" in e.get("by_task", {}):
+            lines.append("- the findings are synthetic: round \"nodules\" painted into the demo images "
+                         "(`medvl/data/demo.py`), asked about to show the model looks at the image")
     if s["sample"]:
         q = s["sample"]
         lines += ["", f"Endpoint: {s['endpoint']}", "", f"- image: `{q['image']}`", f"- question: {q['question']}",

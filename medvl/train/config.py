@@ -31,15 +31,15 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: end only)"})
     max_shard_mb: int = field(default=5000, metadata={"help": "largest safetensors shard of the exported model"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in storage"})
-    max_failures: int = field(default=2, metadata={"help": "worker failures survived by restoring"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in storage", "result": False})
+    max_failures: int = field(default=2, metadata={"help": "worker failures survived by restoring", "result": False})
     seed: int = field(default=0, metadata={"help": "model init and batch order"})
     lora_r: int = field(default=0, metadata={"help": "stage 2: LoRA rank on the LLM (0: full fine-tuning)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch"})
     mm_projector_lr: float = field(default=0.0, metadata={"help": "projector lr if different (0: lr)"})
     group_by_length: bool = field(default=True, metadata={"help": "batch samples of similar length"})
-    log_every: int = field(default=10, metadata={"help": "steps between progress lines"})
+    log_every: int = field(default=10, metadata={"help": "steps between progress lines", "result": False})
 
     @property
     def global_batch(self) -> int:

@@ -4,8 +4,9 @@ Each worker reads its own slice of the batch plan from Ray Data, steps a DeepSpe
 and at every checkpoint all ranks save their ZeRO shards (trainable parameters and their
 optimizer state only: the frozen towers come back from ``init`` on resume) into one
 directory that ``ray.train.report`` hands to storage; rank 0 adds the step counter (the
-data position) and the metrics so far. After the last step the workers write the HF
-model themselves (``export.export_hf``).
+data position) and the metrics so far, and appends each step's metrics to
+``metrics.jsonl`` and TensorBoard as it goes (``tracking.py``; the driver prints them).
+After the last step the workers write the HF model themselves (``export.export_hf``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from medvl.train.export import export_hf
 from medvl.train.feed import FeedCollate, FeedPlan, rank_feed
 from medvl.train.memory import PhasePeaks, release_free_memory
 from medvl.train.optim import lr_lambda, trainable_groups
+from medvl.train.tracking import Tracker
 from medvl.train.zero import deepspeed_config, initialize
 
 CKPT_TAG = "ckpt"
@@ -77,9 +79,8 @@ def train_loop_per_worker(config: dict) -> None:
                 state = json.load(f)
             start, history = state["step"], state["history"]
             resumes, digest = [*state["resumes"], start], state["init_projector_sha256"]
-        if rank == 0:
-            print(f"[stage {cfg.stage}] resumed from checkpoint at step {start}", flush=True)
 
+    tracker = Tracker(cfg.output, rank, start, history)
     collate = FeedCollate(tok.pad_token_id, model.config.vision_config.image_size)
     t_feed = time.perf_counter()
     # Starts at the data position: nothing trained is read again.
@@ -109,34 +110,37 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             losses.append(loss.item())
         dt = time.perf_counter() - t0
+        norm = engine.get_global_grad_norm()  # before clipping, over all ranks' gradients
         pending.append({"step": step + 1, "loss": float(np.mean(losses)), "tokens": tokens, "padded": padded,
-                        "lr": float(sched.get_last_lr()[0]), "step_s": dt, "data_wait": wait / dt})
+                        "lr": float(sched.get_last_lr()[0]), "step_s": dt, "data_wait": wait / dt,
+                        "grad_norm": None if norm is None else float(norm)})
         last = step + 1 == steps
         save = last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
-        if save or (step + 1) % cfg.log_every == 0:
-            history += sync_metrics(pending, world)  # one collective per window, not per step
+        if save or (step + 1) % cfg.log_every == 0:  # rank 0 tracks; the driver prints
+            records = sync_metrics(pending, world)  # one collective per window, not per step
+            history += records
+            tracker.log(records, history)
             pending = []
-        if rank == 0 and (step + 1) % cfg.log_every == 0:
-            h = history[-1]
-            print(f"[stage {cfg.stage}] step {step + 1}/{steps} loss {h['loss']:.4f} lr {h['lr']:.2e} "
-                  f"{h['tokens_per_s']:.0f} tok/s pad {h['padding']:.1%} wait {h['data_wait']:.1%}", flush=True)
         if save:
             state = {"step": step + 1, "history": history, "resumes": resumes, "init_projector_sha256": digest}
             save_and_report(engine, state)
+            tracker.sync()
     memory.mark("train")
     storage.write_text(storage.join(cfg.output, "feed", f"rank{rank}.json"), json.dumps(feed))
     lora = (cfg.lora_r, cfg.lora_alpha) if cfg.lora_r else None
     export_hf(engine.module, tok, config["hf"], rank, config["meta"], cfg.max_shard_mb * 10**6, lora)
     memory.mark("export")
     memory.write(cfg.output, rank)
+    tracker.close()
 
 
 def sync_metrics(pending: list[dict], world: int) -> list[dict]:
     """Per-step records of this rank -> global ones (mean loss, summed tokens), in one all_reduce."""
     sums = torch.tensor([[p["loss"], p["tokens"], p["padded"]] for p in pending], dtype=torch.float64)
     torch.distributed.all_reduce(sums)
-    return [{"step": p["step"], "loss": loss / world, "lr": p["lr"], "tokens_per_s": tokens / p["step_s"],
-             "step_s": p["step_s"], "padding": 1 - tokens / padded, "data_wait": p["data_wait"]}
+    return [{"step": p["step"], "loss": loss / world, "lr": p["lr"], "grad_norm": p["grad_norm"],
+             "tokens_per_s": tokens / p["step_s"], "step_s": p["step_s"], "padding": 1 - tokens / padded,
+             "data_wait": p["data_wait"]}
             for p, (loss, tokens, padded) in zip(pending, sums.tolist(), strict=True)]
 
 

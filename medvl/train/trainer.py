@@ -15,12 +15,14 @@ import json
 import posixpath
 
 import numpy as np
-import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from medvl import storage
+from medvl import config, storage
+from medvl.console import MetricsFollower, init_ray
 from medvl.placement import Placement, check_accelerator, train_scaling
+from medvl.preflight import check_inputs
+from medvl.rerun import conflict, differences, plain, save_config, saved_config
 from medvl.train.config import TrainConfig
 from medvl.train.feed import FeedPlan
 from medvl.train.loop import STATE_FILE, train_loop_per_worker
@@ -43,15 +45,19 @@ def feed_plan(cfg: TrainConfig, manifest: dict) -> FeedPlan:
                     group_by_length=cfg.group_by_length, max_steps=cfg.max_steps)
 
 
-def train(cfg: TrainConfig, placement: Placement | None = None) -> dict:
+def train(cfg: TrainConfig, placement: Placement | None = None, resume: bool = False,
+          overwrite: bool = False) -> dict:
     """Run one stage on the recipe's training nodes; return a summary (steps, first/last loss,
-    exported model URI)."""
+    exported model URI). An output holding a run of another config is an error unless
+    ``resume`` (continue it with its saved config) or ``overwrite`` (delete it first)."""
     for name in ("data", "output"):
         if not getattr(cfg, name):
             raise ValueError(f"train: `{name}` is required")
     cfg = dataclasses.replace(cfg, **{k: storage.absolute(getattr(cfg, k)) for k in URI_FIELDS})
-    if not ray.is_initialized():
-        ray.init()
+    check_inputs({"data": storage.join(cfg.data, "manifest.json"), "init": cfg.init, "tokenizer": cfg.tokenizer,
+                  "vision_tower": cfg.vision_tower, "llm": cfg.llm}, outputs=(cfg.output,))
+    cfg = claim_output(cfg, resume, overwrite)
+    init_ray()
     placement = placement or Placement()
     if cfg.use_gpu:
         check_accelerator(placement.train_accelerator)
@@ -71,8 +77,38 @@ def train(cfg: TrainConfig, placement: Placement | None = None) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
-    result = trainer.fit()
+    start = latest_step(cfg)
+    if start:
+        print(f"[stage {cfg.stage}] resuming from checkpoint at step {start}", flush=True)
+    with MetricsFollower(storage.join(cfg.output, "metrics.jsonl"), cfg.stage, plan.steps, start):
+        result = trainer.fit()
     return summarize(result.checkpoint, cfg, hf)
+
+
+def claim_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> TrainConfig:
+    """The config to run with, after the re-run rules (``rerun.py``); saves it in the output."""
+    saved = saved_config(cfg.output)
+    if saved is not None:
+        try:
+            before = config.from_dict(TrainConfig, saved)
+            diffs = differences(plain(before, True), plain(cfg, True))
+        except ValueError:  # written by another medvl version
+            before, diffs = None, ["config.yaml: not a config of this medvl version"]
+        if diffs and overwrite:
+            storage.delete_dir(cfg.output)
+        elif diffs and resume and before is not None:
+            cfg = before
+        elif diffs:
+            raise conflict(cfg.output, diffs)
+    save_config(cfg.output, cfg)
+    return cfg
+
+
+def latest_step(cfg: TrainConfig) -> int:
+    """The step of the newest checkpoint a run of this output + name would restore (0: none)."""
+    run = storage.join(cfg.output, cfg.name)
+    dirs = sorted({posixpath.dirname(posixpath.relpath(u, run)) for u in storage.list_files(run, STATE_FILE)})
+    return int(dirs[-1].rsplit("_", 1)[1]) if dirs and dirs[-1].startswith("checkpoint_") else 0
 
 
 def read_state(checkpoint) -> dict:
@@ -82,11 +118,10 @@ def read_state(checkpoint) -> dict:
 
 
 def summarize(checkpoint, cfg: TrainConfig, hf: str) -> dict:
-    """``metrics.jsonl`` + ``loss.png`` beside ``hf/``; a summary (steps, losses, model URI)."""
+    """``loss.png`` beside ``hf/`` (rank 0 wrote ``metrics.jsonl``); a summary (steps, losses,
+    model URI)."""
     state = read_state(checkpoint)
     history = state["history"]
-    storage.write_text(storage.join(cfg.output, "metrics.jsonl"),
-                       "".join(json.dumps(h) + "\n" for h in history))
     storage.write_bytes(storage.join(cfg.output, "loss.png"), loss_plot(history, f"stage {cfg.stage}"))
     losses = [h["loss"] for h in history]
     return {"stage": cfg.stage, "steps": state["step"], "first_loss": losses[0], "last_loss": losses[-1],
@@ -102,12 +137,25 @@ def loss_plot(history: list[dict], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax.plot(steps, losses, alpha=0.3, linewidth=1, label="per step")
+    ax.plot(steps, smooth(losses), linewidth=2, label="smoothed (EMA 0.9)")
     ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.legend()
     ax.grid(alpha=0.3)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so the first points
+    are not pulled towards zero."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out

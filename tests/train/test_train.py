@@ -62,6 +62,42 @@ def test_stage1_trains_only_the_projector(stage1, demo_dir):
                            after["model.multi_modal_projector.linear_1.weight"])
 
 
+def test_tracking_metrics_tensorboard_logs_and_config_beside_the_run(stage1):
+    """rank 0's metrics.jsonl (one record per step, with grad norm), TensorBoard event files
+    that TensorBoard's own reader opens with the expected tags and the same values, one
+    log file per rank, the resolved config."""
+    import json
+
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = os.path.dirname(stage1["hf"])
+    records = [json.loads(x) for x in storage.read_text(storage.join(out, "metrics.jsonl")).splitlines()]
+    assert [r["step"] for r in records] == list(range(1, stage1["steps"] + 1))
+    assert all(r["grad_norm"] > 0 for r in records)
+    events = EventAccumulator(os.path.join(out, "tensorboard"))
+    events.Reload()
+    tags = {f"train/{t}" for t in ("loss", "lr", "grad_norm", "tokens_per_s", "padding", "data_wait")}
+    assert tags <= set(events.Tags()["scalars"])
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["step"] for r in records]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert {f"rank{r}.log" for r in range(2)} <= set(os.listdir(os.path.join(out, "logs")))
+    saved = yaml.safe_load(storage.read_text(storage.join(out, "config.yaml")))
+    assert saved["lr"] == 1e-2 and saved["output"] == out
+
+
+def test_a_different_config_into_the_same_output_stops_with_the_fields(stage1, demo_shards, demo_dir):
+    """Before any Ray work: the old run is neither resumed with the new config nor deleted."""
+    out = os.path.dirname(stage1["hf"])
+    with pytest.raises(ValueError, match=r"lr: 0.01 -> 0.02.*--resume.*--overwrite"):
+        train(stage1_cfg(demo_shards, demo_dir, out, "stage1", lr=2e-2))
+    assert storage.exists(storage.join(out, "hf", "config.json"))
+    # --resume: the saved run goes on with its saved config (here: it was complete).
+    again = train(stage1_cfg(demo_shards, demo_dir, out, "stage1", lr=2e-2), resume=True)
+    assert (again["steps"], again["last_loss"]) == (stage1["steps"], stage1["last_loss"])
+
+
 def _feed(output: str, rank: int) -> dict:
     import json
 

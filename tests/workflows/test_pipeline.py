@@ -90,8 +90,17 @@ def statuses(run: Path) -> dict[str, str]:
 
 def test_job_submit_runs_skips_and_resumes(head, recipe, tmp_path):
     run = tmp_path / "run"
-    submit(head, recipe, run)
+    out = submit(head, recipe, run)
     assert statuses(run) == dict.fromkeys(STEPS, "ran")
+    # The console (what `ray job logs` shows, no TTY): short, one start and one end line per
+    # step, training lines with ETA and grad norm; worker chatter stays in the log files.
+    lines = out.splitlines()
+    assert len(lines) <= 300, f"{len(lines)} console lines"
+    for step in STEPS:
+        assert [sum(f"[pipeline] {step}: {what}" in x for x in lines) for what in ("running", "done in")] == [1, 1]
+    assert any(x.startswith("[stage 2] step 6/6 ") and " gnorm " in x and " eta " in x for x in lines), out
+    assert not any("RayTrainWorker" in x or "Checkpoint successfully created" in x for x in lines)
+    assert (run / "stage2" / "logs" / "rank1.log").is_file()
     for step, artifact in ARTIFACTS.items():
         marker = json.loads((run / artifact / "_SUCCESS").read_text())
         assert marker["step"] == step and len(marker["hash"]) == 16
@@ -115,4 +124,4 @@ def test_job_submit_runs_skips_and_resumes(head, recipe, tmp_path):
     assert (run / "stage1" / "_SUCCESS").read_text() == stage1_done  # nothing before stage 2 redone
     # Stage 2 restored its checkpoint (step 6 of 6) instead of training again from step 0.
     assert json.loads((run / "stage2" / "feed" / "rank0.json").read_text())["start_step"] == 6
-    assert "[stage 2] resumed from checkpoint at step 6" in out
+    assert "[stage 2] resuming from checkpoint at step 6" in out

@@ -36,7 +36,7 @@ def test_a_failing_step_is_in_the_summary_and_fails_the_run(ray_cluster, tmp_pat
     recipe.write_text(f"run: {tmp_path / 'run'}\n"
                       "preprocess_alignment:\n  data: ${run}/missing.jsonl\n  image_root: ${run}\n"
                       "  output: ${run}/data/alignment\n  tokenizer: ${run}/tok\n")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="missing.jsonl does not exist"):
         run_pipeline(str(recipe))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == {"preprocess-alignment": {"status": "failed", "hash": None}}
@@ -83,20 +83,51 @@ def test_step_flags_rerun_rules_and_a_later_failure_on_s3(ray_cluster, demo_dir,
     assert read_marker(f"{run}/data/instruction")["finished_at"] > instr["finished_at"]
     assert read_marker(f"{run}/data/alignment") == align  # not selected: untouched
 
-    # A changed config: the step's directory is emptied before it runs again.
+    # A changed config: an error naming the field; --resume keeps the saved run; only
+    # --overwrite empties the step's directory and runs it again.
     storage.write_text(f"{run}/data/alignment/stale.txt", "from the old config")
     doc["preprocess_alignment"]["max_length"] = 200
     recipe.write_text(yaml.safe_dump(doc))
-    assert go(start="preprocess-alignment", until="preprocess-alignment")["preprocess-alignment"] == "ran"
+    with pytest.raises(ValueError, match=r"max_length: 256 -> 200.*--resume.*--overwrite"):
+        go(only="preprocess-alignment")
+    assert go(only="preprocess-alignment", resume=True)["preprocess-alignment"] == "kept"
+    assert storage.exists(f"{run}/data/alignment/stale.txt") and read_marker(f"{run}/data/alignment") == align
+    assert go(only="preprocess-alignment", overwrite=True)["preprocess-alignment"] == "ran"
     assert not storage.exists(f"{run}/data/alignment/stale.txt")
     assert read_marker(f"{run}/data/alignment")["hash"] != align["hash"]
 
     # A later step fails: the run fails, the summary says where, earlier markers stand.
     before = read_marker(f"{run}/data/instruction")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="not-there/manifest.json does not exist"):
         go(until="stage1")
     summary = json.loads(storage.read_text(f"{run}/summary.json"))["steps"]
     assert {k: v["status"] for k, v in summary.items() if k != "stage1"} == {
         "preprocess-alignment": "skipped", "preprocess-instruction": "skipped"}
     assert summary["stage1"]["status"] == "failed"
     assert read_marker(f"{run}/data/instruction") == before and not read_marker(f"{run}/stage1")
+
+
+def test_rerun_rules_name_the_fields_and_delete_only_with_overwrite(ray_cluster, tmp_path):
+    """The demo-data step alone (no Ray work): a changed field stops the run with one line
+    naming it, and nothing is deleted without --overwrite. The resolved config is saved
+    beside the step's output."""
+    import yaml
+
+    from medvl.pipeline import read_marker, run_pipeline
+
+    recipe = tmp_path / "r.yaml"
+    doc = {"run": str(tmp_path / "run"), "demo_data": {"output": "${run}/demo-data", "variants": 1}}
+    recipe.write_text(yaml.safe_dump(doc))
+    run_pipeline(str(recipe), only="demo-data")
+    out = tmp_path / "run" / "demo-data"
+    assert yaml.safe_load((out / "config.yaml").read_text())["variants"] == 1
+    first = read_marker(str(out))
+    (out / "mine.txt").write_text("a user's file")
+    doc["demo_data"]["variants"] = 2
+    recipe.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError) as e:
+        run_pipeline(str(recipe), only="demo-data")
+    assert "variants: 1 -> 2" in str(e.value) and "\n" not in str(e.value)
+    assert (out / "mine.txt").exists() and read_marker(str(out)) == first
+    run_pipeline(str(recipe), only="demo-data", overwrite=True)
+    assert not (out / "mine.txt").exists() and read_marker(str(out))["hash"] != first["hash"]
