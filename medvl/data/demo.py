@@ -5,6 +5,13 @@ extremity radiographs, CT, MR, ultrasound), all offline. Captions and Chinese
 question/answer pairs come from each file's own tags (Modality, BodyPartExamined,
 StudyDescription). Light augmentation (crop, flip, window) multiplies the samples, and
 the train / held-out split is made by source image, so no image leaks into evaluation.
+
+Which modality an unseen source is cannot be learnt from ~25 sources by a random-init
+32-pixel tower, so the demo also asks about a **synthetic finding**: half of the augmented
+images get a round "nodule" (random size, contrast and position) painted in, and the
+model is asked whether there is one and on which side of the image. That rule transfers
+to sources never seen in training, so held-out accuracy on it shows the model looks at the
+image. The findings are synthetic: they say nothing about real pathology.
 The demo also needs a tokenizer, which cannot be downloaded here: a byte-level BPE is
 trained on the corpus text.
 """
@@ -54,6 +61,7 @@ GROUPS: dict[str, list[str]] = {
     "us_aloka": ["gdcm-US-ALOKA-16.dcm"],
 }
 HELD_OUT = {"ct_pancreas", "mr_head", "us_echo", "xr_extremity"}
+HELD_OUT_VARIANTS = 8  # augmented (and half of them nodule-painted) images per held-out source
 
 MODALITY_ZH = {"CT": "CT", "MR": "磁共振", "CR": "X线", "DX": "X线", "US": "超声"}
 CHOICES = ["CT", "磁共振", "X线", "超声"]
@@ -112,6 +120,33 @@ def _augment(img: Image.Image, rng: random.Random) -> Image.Image:
     return img
 
 
+def add_nodule(img: Image.Image, rng: random.Random) -> tuple[Image.Image, str]:
+    """Paint a synthetic round nodule (a bright disc of random radius, brightness and
+    position, left or right of the image's midline) into ``img``. Returns the image and the
+    side in Chinese. The disc spans a fifth to a third of
+    the image: at the demo tower's 32 pixels (8-pixel patches) a smaller one hides within
+    one patch, and the tiny model did not learn it (see docs/demo.md)."""
+    arr = np.asarray(img.convert("RGB"), np.float32)
+    h, w = arr.shape[:2]
+    side = rng.choice(["左侧", "右侧"])  # of the image as displayed
+    r = rng.uniform(0.20, 0.30) * max(h, w)
+    cx = rng.uniform(0.12, 0.38) * w if side == "左侧" else rng.uniform(0.62, 0.88) * w
+    cy = rng.uniform(0.25, 0.75) * h
+    d = np.hypot(*np.meshgrid(np.arange(w) - cx, np.arange(h) - cy))
+    disc = np.clip(r - d, 0.0, 1.0)[..., None]  # 1 inside, anti-aliased edge
+    arr = arr * (1 - disc) + rng.uniform(200, 255) * disc
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8)), side
+
+
+def _finding_questions(side: str | None) -> list[dict]:
+    """Closed questions about the synthetic nodule: present or not; if present, which side."""
+    qa = [("图像中是否有结节？", "是" if side else "否", ["是", "否"])]
+    if side:
+        qa.append(("结节位于图像的哪一侧？选项：左侧、右侧", side, ["左侧", "右侧"]))
+    return [{"question": q, "answer": a, "answer_type": "closed", "choices": c, "task": "finding"}
+            for q, a, c in qa]
+
+
 def _conversations(modality: str, body: str | None, rng: random.Random) -> list[dict]:
     """Instruction samples for one image: open, multiple-choice and yes/no questions (one
     answered 是, one 否, so guessing one answer scores half)."""
@@ -123,7 +158,7 @@ def _conversations(modality: str, body: str | None, rng: random.Random) -> list[
         (f"这是{asked}图像吗？", "否", "closed", ["是", "否"]),
         (f"这是{modality}图像吗？", "是", "closed", ["是", "否"]),
     ]
-    return [{"question": q, "answer": a, "answer_type": t, "choices": c} for q, a, t, c in qa]
+    return [{"question": q, "answer": a, "answer_type": t, "choices": c, "task": "modality"} for q, a, t, c in qa]
 
 
 def _record(rec_id: str, image: str, question: str, answer: str, **extra) -> dict:
@@ -149,23 +184,26 @@ def build_demo_data(output: str, variants: int = 10, seed: int = 0) -> dict:
         series = any("*" in n for n in names)  # different slices, not re-encodings of one image
         bases = [Image.fromarray(dicom_to_rgb(Path(files[n]).read_bytes(), 10**8))
                  for n in (present if series else present[:1])]
-        image_names = []
+        images: list[tuple[str, list[dict]]] = []  # (file, its finding questions)
         for n in present:  # the DICOM files themselves, so the pipeline decodes DICOM
             name = n if n.endswith(".dcm") else n.replace("/", "_") + ".dcm"
             shutil.copyfile(files[n], out / "images" / name)
-            image_names.append(name)
-        for k in range(variants if split == "train" else 2):
+            images.append((name, []))
+        for k in range(variants if split == "train" else HELD_OUT_VARIANTS):
             name = f"{group}_{k:02d}.png"
-            _augment(rng.choice(bases), rng).save(out / "images" / name)
-            image_names.append(name)
+            img, side = _augment(rng.choice(bases), rng), None
+            if k % 2:  # every other image: as many with a nodule as without
+                img, side = add_nodule(img, rng)
+            img.save(out / "images" / name)
+            images.append((name, _finding_questions(side)))
         caption = f"{body or ''}{modality}图像" + (f"，{study}。" if study else "。")
-        for i, img in enumerate(image_names):
+        for i, (img, findings) in enumerate(images):
             extra = {"modality": modality, "source": group}
             sets[f"alignment_{split}"].append(_record(f"{group}-{i}-cap", img, "", caption, **extra))
-            for j, c in enumerate(_conversations(modality, body, rng)):
+            for j, c in enumerate(_conversations(modality, body, rng) + findings):
                 sets[f"instruction_{split}"].append(_record(
                     f"{group}-{i}-q{j}", img, c["question"], c["answer"],
-                    answer_type=c["answer_type"], choices=c["choices"], **extra))
+                    answer_type=c["answer_type"], choices=c["choices"], task=c["task"], **extra))
     for name, recs in sets.items():
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)

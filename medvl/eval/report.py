@@ -12,11 +12,15 @@ from medvl import storage
 
 METRICS = ("closed_accuracy", "open_recall", "exact_match", "token_f1", "bleu4", "rouge_l")
 PLOTTED = ("closed_accuracy", "open_recall", "token_f1", "rouge_l")
+GROUPS = ("task", "answer_type", "modality")  # the report's breakdowns (task: e.g. the demo's finding/modality)
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Mean of each metric over the rows it applies to, plus the row count."""
+    """Mean of each metric over the rows it applies to, the row count and the closed
+    questions' chance accuracy (a score means little without it)."""
     out: dict = {"n": len(rows)}
+    if (chance := closed_chance(rows)) is not None:
+        out["closed_chance"] = chance
     for m in METRICS:
         vals = [r["scores"][m] for r in rows if m in r["scores"]]
         if vals:
@@ -33,11 +37,10 @@ def closed_chance(rows: list[dict]) -> float | None:
 
 
 def aggregate(rows: list[dict]) -> dict:
-    groups = {key: {v: summarize([r for r in rows if r[key] == v]) for v in sorted({r[key] for r in rows})}
-              for key in ("answer_type", "modality")}
+    groups = {key: {v: summarize([r for r in rows if r.get(key) == v]) for v in sorted({r.get(key) for r in rows})}
+              for key in GROUPS}
     return {"n": len(rows), "errors": sum(bool(r["error"]) for r in rows), "overall": summarize(rows),
-            "closed_chance": closed_chance(rows), "by_answer_type": groups["answer_type"],
-            "by_modality": groups["modality"]}
+            "closed_chance": closed_chance(rows), **{f"by_{key}": groups[key] for key in GROUPS}}
 
 
 def worst(rows: list[dict], k: int = 10) -> list[dict]:
@@ -49,7 +52,7 @@ def worst(rows: list[dict], k: int = 10) -> list[dict]:
 
 
 def markdown(metrics: dict, rows: list[dict]) -> str:
-    head = "| group | n | " + " | ".join(METRICS) + " |"
+    head = "| group | n | " + " | ".join(METRICS) + " | closed chance |"
     lines = [f"# Evaluation: {metrics['model']}", "", f"Data: `{metrics['data']}`, {metrics['n']} questions, "
              f"{metrics['errors']} unreadable inputs (scored wrong).", ""]
     if metrics["closed_chance"] is not None:
@@ -60,13 +63,14 @@ def markdown(metrics: dict, rows: list[dict]) -> str:
         lines += [f"LLaVA-Med's protocol (its `run_eval.py`, comparable with published figures): closed "
                   f"accuracy {lm['closed_accuracy']:.3f} over the {lm['closed_counted']} of "
                   f"{lm['closed_total']} closed answers it counts, open recall {lm['open_recall']:.3f}.", ""]
-    lines += [head, "|" + "---|" * (len(METRICS) + 2)]
+    lines += [head, "|" + "---|" * (len(METRICS) + 3)]
     groups = [("overall", metrics["overall"])]
-    for key in ("answer_type", "modality"):
-        groups += [(f"{key}: {v}", s) for v, s in metrics[f"by_{key}"].items()]
+    for key in GROUPS:
+        groups += [(f"{key}: {v}", s) for v, s in metrics.get(f"by_{key}", {}).items()]
     for name, s in groups:
         cells = " | ".join(f"{s[m]:.3f}" if m in s else "–" for m in METRICS)
-        lines.append(f"| {name} | {s['n']} | {cells} |")
+        chance = f"{s['closed_chance']:.3f}" if "closed_chance" in s else "–"
+        lines.append(f"| {name} | {s['n']} | {cells} | {chance} |")
     lines += ["", "## Worst-scored examples", "", "| id | question | expected | predicted | note |",
               "|---|---|---|---|---|"]
     for r in worst(rows):
@@ -95,12 +99,22 @@ def bar_chart(metrics: dict) -> bytes:
                  if any(k in f.name for k in ("CJK", "WenQuanYi", "SimHei", "Hei", "Ming"))]
     if cjk_fonts:
         plt.rcParams["font.sans-serif"] = [cjk_fonts[0], *plt.rcParams["font.sans-serif"]]
-    groups = {_tick(k, bool(cjk_fonts)): v for k, v in
-              {"overall": metrics["overall"], **metrics["by_answer_type"], **metrics["by_modality"]}.items()}
+    shown = {"overall": metrics["overall"]}
+    for key in GROUPS:
+        by = metrics.get(f"by_{key}", {})
+        if key != "task" or len(by) > 1:  # one task ("vqa") would only repeat "overall"
+            shown.update(by)
+    groups = {_tick(k, bool(cjk_fonts)): v for k, v in shown.items()}
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 3.5))
     width = 0.8 / len(PLOTTED)
     for j, m in enumerate(PLOTTED):
         ax.bar(np.arange(len(groups)) + j * width, [g.get(m, 0.0) for g in groups.values()], width, label=m)
+    label = "chance (closed)"
+    for i, g in enumerate(groups.values()):  # closed accuracy's chance level, over its group's bars
+        if "closed_chance" in g:
+            ax.hlines(g["closed_chance"], i - width / 2, i + 0.8 - width / 2, colors="black",
+                      linestyles="--", linewidth=1, label=label)
+            label = None  # one legend entry
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, list(groups), rotation=20)
     ax.set(ylim=(0, 1), ylabel="score", title="medvl eval")
     ax.legend(fontsize=7, ncols=len(PLOTTED))

@@ -77,9 +77,11 @@ def test_aggregate_and_chance_against_hand_computed_values():
     assert m["closed_chance"] == pytest.approx((1 / 2 + 1 / len(CHOICES) + 1 / 2) / 3)
     assert m["overall"] == pytest.approx({"n": 4, "closed_accuracy": 2 / 3, "exact_match": 1 / 4,
                                           "token_f1": 2.25 / 4, "open_recall": 0.25, "bleu4": 0.1,
-                                          "rouge_l": 0.3})
+                                          "rouge_l": 0.3, "closed_chance": m["closed_chance"]})
     assert m["by_answer_type"]["closed"] == pytest.approx({"n": 3, "closed_accuracy": 2 / 3,
-                                                           "exact_match": 1 / 3, "token_f1": 1.75 / 3})
+                                                           "exact_match": 1 / 3, "token_f1": 1.75 / 3,
+                                                           "closed_chance": m["closed_chance"]})
     assert m["by_modality"]["MR"] == pytest.approx({"n": 2, "closed_accuracy": 0.5, "exact_match": 0.0,
-                                                    "token_f1": 0.375})
+                                                    "token_f1": 0.375, "closed_chance": (1 / len(CHOICES) + 0.5) / 2})
+    assert m["by_task"] == {None: pytest.approx(m["overall"])}  # rows without a task: one group
     assert m["by_modality"]["CT"]["token_f1"] == pytest.approx(0.75)
