@@ -9,7 +9,7 @@ export RAY_AUTH_MODE ?= disabled
 setup: $(VENV)/.installed
 
 # torch is pinned to the CPU wheel only here, through the constraints file.
-$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints-cpu.txt torch==2.13.0
