@@ -1,7 +1,7 @@
 # The README's commands. `make test` and `make demo` set themselves up on a fresh machine.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Local Ray clusters here run without token auth (see README, "Ray auth").
+# Local Ray clusters here run without token auth (see README, FAQ, and docs/guide.md, "Ray auth").
 export RAY_AUTH_MODE ?= disabled
 
 .PHONY: setup test test-fast demo bench vllm vllm-check clean

@@ -38,6 +38,13 @@ def quiet_ray_data() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+            if _not_bars_disabled not in handler.filters:  # called once per step
+                handler.addFilter(_not_bars_disabled)
+
+
+def _not_bars_disabled(record: logging.LogRecord) -> bool:
+    """Ray Data warns, per dataset, that the bars it was told not to draw are off."""
+    return not record.getMessage().startswith("Progress bars disabled")
 
 
 def step_line(stage: int, rec: dict, total: int, seconds_per_step: float) -> str:

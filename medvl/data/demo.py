@@ -7,9 +7,10 @@ StudyDescription). Light augmentation (crop, flip, window) multiplies the sample
 the train / held-out split is made by source image, so no image leaks into evaluation.
 
 Which modality an unseen source is cannot be learnt from ~25 sources by a random-init
-32-pixel tower, so the demo also asks about a **synthetic finding**: half of the augmented
-images get a round "nodule" (random size, contrast and position) painted in, and the
-model is asked whether there is one and on which side of the image. That rule transfers
+32-pixel tower, so the demo also asks about a **synthetic finding**: every other augmented
+image gets a round, contrast-enhanced "nodule" (random size, hue and position) painted in,
+the caption says so, and the model is asked whether there is one and whether it is in the
+upper or the lower half of the image. That rule transfers
 to sources never seen in training, so held-out accuracy on it shows the model looks at the
 image. The findings are synthetic: they say nothing about real pathology.
 The demo also needs a tokenizer, which cannot be downloaded here: a byte-level BPE is
@@ -65,6 +66,7 @@ HELD_OUT_VARIANTS = 8  # augmented (and half of them nodule-painted) images per 
 
 MODALITY_ZH = {"CT": "CT", "MR": "磁共振", "CR": "X线", "DX": "X线", "US": "超声"}
 CHOICES = ["CT", "磁共振", "X线", "超声"]
+SIDES = ["上方", "下方"]  # where the synthetic nodule is, in the image as displayed
 BODY_ZH = {"CHEST": "胸部", "THORAX": "胸部", "EXTREMITY": "四肢", "ABDOMEN": "腹部",
            "HEAD": "头部", "SHOULDER": "肩部", "PANCREAS": "胰腺", "LIVER": "肝脏"}
 
@@ -121,42 +123,48 @@ def _augment(img: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def add_nodule(img: Image.Image, rng: random.Random) -> tuple[Image.Image, str]:
-    """Paint a synthetic round nodule (a bright disc of random radius, brightness and
-    position, left or right of the image's midline) into ``img``. Returns the image and the
-    side in Chinese. The disc spans a fifth to a third of
-    the image: at the demo tower's 32 pixels (8-pixel patches) a smaller one hides within
-    one patch, and the tiny model did not learn it (see docs/demo.md)."""
+    """Paint a synthetic "nodule" into ``img``: a round, contrast-enhanced (red) disc of random
+    radius, hue and position, above or below the image's midline. Returns the image and the
+    half in Chinese (上方 / 下方: upper / lower, as radiology reports say of lung fields).
+
+    Why red and this big: grey discs look to a random-init 32-pixel tower like bright bone
+    patches, and the tiny model did not learn them (held-out accuracy at chance, see
+    docs/demo.md); a colour no greyscale image has, over at least one 8-pixel patch, is a
+    signal it can learn from ~250 images in the demo's few minutes. Upper/lower rather than
+    left/right: the LLM reads the image's 4x4 patches as a sequence, where the upper half is
+    one run of tokens, while left/right interleave (the demo model only learnt the prior)."""
     arr = np.asarray(img.convert("RGB"), np.float32)
     h, w = arr.shape[:2]
-    side = rng.choice(["左侧", "右侧"])  # of the image as displayed
-    r = rng.uniform(0.20, 0.30) * max(h, w)
-    cx = rng.uniform(0.12, 0.38) * w if side == "左侧" else rng.uniform(0.62, 0.88) * w
-    cy = rng.uniform(0.25, 0.75) * h
+    side = rng.choice(SIDES)
+    r = rng.uniform(0.25, 0.35) * max(h, w)
+    cx = rng.uniform(0.20, 0.80) * w
+    cy = rng.uniform(0.12, 0.38) * h if side == "上方" else rng.uniform(0.62, 0.88) * h
     d = np.hypot(*np.meshgrid(np.arange(w) - cx, np.arange(h) - cy))
     disc = np.clip(r - d, 0.0, 1.0)[..., None]  # 1 inside, anti-aliased edge
-    arr = arr * (1 - disc) + rng.uniform(200, 255) * disc
+    colour = np.array([rng.uniform(180, 255), rng.uniform(0, 60), rng.uniform(0, 60)], np.float32)
+    arr = arr * (1 - disc) + colour * disc
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8)), side
 
 
 def _finding_questions(side: str | None) -> list[dict]:
-    """Closed questions about the synthetic nodule: present or not; if present, which side."""
+    """Closed questions about the synthetic nodule: present or not; if present, which half."""
     qa = [("图像中是否有结节？", "是" if side else "否", ["是", "否"])]
     if side:
-        qa.append(("结节位于图像的哪一侧？选项：左侧、右侧", side, ["左侧", "右侧"]))
+        qa.append(("结节位于图像的上方还是下方？选项：上方、下方", side, SIDES))
     return [{"question": q, "answer": a, "answer_type": "closed", "choices": c, "task": "finding"}
             for q, a, c in qa]
 
 
-def _conversations(modality: str, body: str | None, rng: random.Random) -> list[dict]:
-    """Instruction samples for one image: open, multiple-choice and yes/no questions (one
-    answered 是, one 否, so guessing one answer scores half)."""
+def _conversations(modality: str, body: str | None, rng: random.Random, truthful: bool) -> list[dict]:
+    """Modality questions for one image: open, multiple choice, and one yes/no question
+    (about its own modality when ``truthful``, else another: alternating, so guessing one
+    answer scores half)."""
     what = f"{body}{modality}" if body else modality
-    asked = rng.choice([c for c in CHOICES if c != modality])
+    asked = modality if truthful else rng.choice([c for c in CHOICES if c != modality])
     qa = [
         ("这是什么检查？", f"这是一张{what}图像。", "open", None),
         ("这张图像的检查方式是什么？选项：" + "、".join(CHOICES), modality, "closed", CHOICES),
-        (f"这是{asked}图像吗？", "否", "closed", ["是", "否"]),
-        (f"这是{modality}图像吗？", "是", "closed", ["是", "否"]),
+        (f"这是{asked}图像吗？", "是" if truthful else "否", "closed", ["是", "否"]),
     ]
     return [{"question": q, "answer": a, "answer_type": t, "choices": c, "task": "modality"} for q, a, t, c in qa]
 
@@ -199,8 +207,11 @@ def build_demo_data(output: str, variants: int = 10, seed: int = 0) -> dict:
         caption = f"{body or ''}{modality}图像" + (f"，{study}。" if study else "。")
         for i, (img, findings) in enumerate(images):
             extra = {"modality": modality, "source": group}
-            sets[f"alignment_{split}"].append(_record(f"{group}-{i}-cap", img, "", caption, **extra))
-            for j, c in enumerate(_conversations(modality, body, rng) + findings):
+            seen = next((c["answer"] for c in findings if c["choices"] == SIDES), None)
+            told = caption + (f"图像{seen}可见结节。" if seen else "未见结节。" if findings else "")
+            sets[f"alignment_{split}"].append(_record(f"{group}-{i}-cap", img, "", told, **extra))
+            truthful = len(sets[f"alignment_{split}"]) % 2 == 0  # alternating over the split's images
+            for j, c in enumerate(_conversations(modality, body, rng, truthful) + findings):
                 sets[f"instruction_{split}"].append(_record(
                     f"{group}-{i}-q{j}", img, c["question"], c["answer"],
                     answer_type=c["answer_type"], choices=c["choices"], task=c["task"], **extra))
@@ -223,7 +234,8 @@ def train_tokenizer(texts: list[str], output: str, vocab_size: int = 2000) -> No
     specials = ["<s>", "</s>", "<unk>", "<pad>", "<image>", "<|im_start|>", "<|im_end|>"]
     corpus = texts + [t.system + t.user + t.assistant + t.answer_prefix for t in TEMPLATES.values()]
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, special_tokens=specials)
+    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
+                            show_progress=False)  # a few blank lines on a non-terminal, for a second of work
     tok = PreTrainedTokenizerFast(  # adds <s> itself, as Llama-2's does: LLaVA keeps that one BOS
         tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         pad_token="<pad>", additional_special_tokens=specials[4:], add_bos_token=True,

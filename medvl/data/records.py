@@ -1,6 +1,6 @@
 """Validate LLaVA / ChiMed-VL records; every failure is a ``Reject`` with a reason code.
 
-Reasons (also documented in the README): ``bad_json`` (not a JSON object), ``bad_record``
+Reasons (also documented in docs/guide.md): ``bad_json`` (not a JSON object), ``bad_record``
 (JSON, but not a LLaVA record: no usable ``id``, ``conversations`` not a list of
 human/gpt turns, an unanswered last question, a non-string ``image``), ``missing_image``,
 ``corrupt_image``, ``image_too_large``, ``no_image_token``, ``no_answer``, ``too_long``,

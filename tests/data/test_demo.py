@@ -24,6 +24,16 @@ def test_split_by_source_and_every_modality_on_both_sides(demo_dir):
 
 
 def test_yes_no_questions_are_balanced(demo_dir):
-    answers = [r["conversations"][1]["value"] for r in _records(demo_dir, "instruction_train")
-               if r["choices"] == ["是", "否"]]
-    assert answers.count("是") == answers.count("否") > 0
+    """Guessing one answer scores half, for the modality and the synthetic-finding questions."""
+    for task in ("modality", "finding"):
+        answers = [r["conversations"][1]["value"] for r in _records(demo_dir, "instruction_train")
+                   if r["choices"] == ["是", "否"] and r["task"] == task]
+        assert answers.count("是") > 0 and abs(answers.count("是") - answers.count("否")) <= 1, task
+
+
+def test_synthetic_findings_are_in_the_held_out_images_and_the_captions(demo_dir):
+    held = [r for r in _records(demo_dir, "instruction_heldout") if r["task"] == "finding"]
+    assert {r["source"] for r in held} == {"ct_pancreas", "mr_head", "us_echo", "xr_extremity"}
+    sides = {r["image"]: r["conversations"][1]["value"] for r in held if r["choices"] == ["上方", "下方"]}
+    captions = {r["image"]: r["conversations"][1]["value"] for r in _records(demo_dir, "alignment_heldout")}
+    assert sides and all(f"图像{side}可见结节" in captions[img] for img, side in sides.items())
