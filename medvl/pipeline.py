@@ -222,7 +222,8 @@ def run_or_skip(step: Step, markers: dict[str, dict], how: Rerun, redeploy: Call
     started = read_marker(step.artifact, STARTED)
     held = next((m for m in (done, started) if m and m["hash"] != digest), None)
     resume = False
-    if held and step.name not in REPLACEABLE:
+    diffs = config_changes(held, now) if held else []
+    if diffs and step.name not in REPLACEABLE:
         if how.resume and done and done["hash"] != digest:
             print(f"[pipeline] {step.name}: kept as saved (--resume; its config differs from the recipe's)",
                   flush=True)
@@ -232,13 +233,21 @@ def run_or_skip(step: Step, markers: dict[str, dict], how: Rerun, redeploy: Call
         elif how.overwrite:
             storage.delete_dir(step.artifact)
         else:
-            diffs = differences(held.get("fingerprint", {}), now) if "fingerprint" in held else [
-                "saved by an older medvl"]
-            raise conflict(f"{step.name}: {step.artifact}", [d.replace("config.", "", 1) for d in diffs])
-    elif held:
-        storage.delete_dir(step.artifact)  # a copy or a live app: nothing is lost
+            raise conflict(f"{step.name}: {step.artifact}", diffs)
+    elif held:  # same config, but new raw inputs or upstream results (or a copy / a live app)
+        print(f"[pipeline] {step.name}: its inputs changed since it ran (or it is a copy / a live app): "
+              "redoing it", flush=True)
+        storage.delete_dir(step.artifact)
     markers[step.name] = run_step(step, digest, now, resume)
     return {"status": "ran", "seconds": markers[step.name]["seconds"]}
+
+
+def config_changes(held: dict, now: dict) -> list[str]:
+    """The config fields in which a saved run differs from this one (inputs and upstream
+    results are not config: a step whose inputs changed is simply redone)."""
+    if "fingerprint" not in held:
+        return ["saved by an older medvl"]
+    return differences(held["fingerprint"]["config"], now["config"])
 
 
 def run_step(step: Step, digest: str, now: dict, resume: bool) -> dict:

@@ -1,7 +1,10 @@
 """The re-run rules' pieces: which fields count, how differences are named."""
 
-from medvl.rerun import conflict, differences, plain
+import pytest
+
+from medvl.rerun import conflict, differences, plain, save_config
 from medvl.train.config import TrainConfig
+from medvl.train.trainer import claim_output
 
 
 def test_fields_that_do_not_change_the_result_are_not_a_conflict():
@@ -16,3 +19,18 @@ def test_conflict_is_one_line_naming_fields_and_both_ways_on():
     msg = str(conflict("runs/x/stage2", diffs))
     assert "\n" not in msg and "f0: 0 -> 1" in msg and "and 2 more" in msg
     assert "--resume" in msg and "--overwrite" in msg
+
+
+def test_train_output_rules_resume_keeps_the_saved_config_overwrite_deletes(tmp_path):
+    out = str(tmp_path / "stage1")
+    saved = TrainConfig(data="d", output=out, lr=1e-3)
+    save_config(out, saved)
+    (tmp_path / "stage1" / "checkpoint.bin").write_text("a checkpoint")
+    new = TrainConfig(data="d", output=out, lr=2e-2)
+    with pytest.raises(ValueError, match=r"lr: 0.001 -> 0.02"):
+        claim_output(new, resume=False, overwrite=False)
+    assert claim_output(new, resume=True, overwrite=False) == saved
+    assert (tmp_path / "stage1" / "checkpoint.bin").exists()
+    assert claim_output(new, resume=False, overwrite=True) == new
+    assert not (tmp_path / "stage1" / "checkpoint.bin").exists()
+    assert claim_output(TrainConfig(data="d", output=out, lr=2e-2, log_every=1), False, False).log_every == 1

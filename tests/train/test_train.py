@@ -93,9 +93,6 @@ def test_a_different_config_into_the_same_output_stops_with_the_fields(stage1, d
     with pytest.raises(ValueError, match=r"lr: 0.01 -> 0.02.*--resume.*--overwrite"):
         train(stage1_cfg(demo_shards, demo_dir, out, "stage1", lr=2e-2))
     assert storage.exists(storage.join(out, "hf", "config.json"))
-    # --resume: the saved run goes on with its saved config (here: it was complete).
-    again = train(stage1_cfg(demo_shards, demo_dir, out, "stage1", lr=2e-2), resume=True)
-    assert (again["steps"], again["last_loss"]) == (stage1["steps"], stage1["last_loss"])
 
 
 def _feed(output: str, rank: int) -> dict:
