@@ -107,7 +107,7 @@ def predict(cfg: EvalConfig, examples: list[dict], placement: Placement) -> list
     items = [{"index": ex["index"], "example": json.dumps(ex, ensure_ascii=False)} for ex in examples]
     ds = ray.data.from_items(items, override_num_blocks=max(1, batches))
     ds = ds.map_batches(
-        Predictor, batch_size=cfg.batch_size, concurrency=pool,
+        Predictor, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=pool),
         **actor_options(cfg.cpus_per_replica, 1 if cfg.use_gpu else 0, placement),
         fn_constructor_kwargs={"model": cfg.model, "image_root": cfg.image_root,
                                "max_tokens": cfg.max_tokens, "threads": int(cfg.cpus_per_replica),
