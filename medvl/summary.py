@@ -1,0 +1,71 @@
+"""A run's summary: ``RUN/summary.json`` (each step's status and duration, data counts,
+losses, eval metrics, the endpoint and its check request), ``RUN/summary.md`` (the same for
+people, with the plots) and ``RUN/plots/*.png``, built from the steps' markers."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from medvl import storage
+
+if TYPE_CHECKING:  # the recipe type only: pipeline.py imports this module
+    from medvl.pipeline import Recipe
+
+
+def write_summary(r: Recipe, recipe_path: str, markers: dict[str, dict], status: dict[str, dict]) -> dict:
+    """``RUN/summary.json``, ``RUN/summary.md`` and ``RUN/plots/*.png`` from the step markers."""
+    res = {name: m["result"] for name, m in markers.items()}
+    summary = {
+        "run": r.run, "recipe": recipe_path,
+        "steps": {name: {**st, "hash": markers.get(name, {}).get("hash")} for name, st in status.items()},
+        "data": {k: res.get(f"preprocess-{k}") for k in ("alignment", "instruction")},
+        "stages": {k: {f: res[k][f] for f in ("steps", "first_loss", "last_loss")} for k in ("stage1", "stage2")
+                   if k in res},
+        "eval": res.get("evaluate"), "endpoint": res.get("deploy", {}).get("endpoint"),
+        "sample": res.get("deploy", {}).get("sample"),
+    }
+    plots = {"stage1_loss.png": storage.join(r.stage1.output, "loss.png"),
+             "stage2_loss.png": storage.join(r.stage2.output, "loss.png"),
+             "eval_metrics.png": storage.join(r.eval.output, "metrics.png")}
+    summary["plots"] = []
+    for name, src in plots.items():
+        if storage.exists(src):
+            storage.write_bytes(storage.join(r.run, "plots", name), storage.read_bytes(src))
+            summary["plots"].append(f"plots/{name}")
+    storage.write_text(storage.join(r.run, "summary.json"), json.dumps(summary, ensure_ascii=False, indent=2))
+    storage.write_text(storage.join(r.run, "summary.md"), summary_markdown(summary))
+    print(summary_markdown(summary), flush=True)
+    return summary
+
+
+def summary_markdown(s: dict) -> str:
+    lines = [f"# medvl run `{s['run']}`", "", f"Recipe: `{s['recipe']}`", "", "| step | status | seconds |",
+             "|---|---|---|"]
+    lines += [f"| {n} | {st['status']} | {st.get('seconds', '')} |" for n, st in s["steps"].items()]
+    lines += ["", "| data | records in | kept | rejected |", "|---|---|---|---|"]
+    lines += [f"| {k} | {d['records_in']} | {d['records_kept']} | {d['records_rejected']} |"
+              for k, d in s["data"].items() if d]
+    lines += ["", "| stage | steps | first loss | last loss |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['steps']} | {v['first_loss']:.3f} | {v['last_loss']:.3f} |" for k, v in s["stages"].items()]
+    if s["eval"]:
+        e, o = s["eval"], s["eval"]["overall"]
+        lines += ["", f"Evaluation ({e['n']} held-out questions, report: `eval/report.md`):", ""]
+        for kind, g in e["by_answer_type"].items():
+            shown = ", ".join(f"{m} {g[m]:.3f}" for m in ("closed_accuracy", "open_recall", "token_f1") if m in g)
+            lines.append(f"- {kind} ({g['n']}): {shown}")
+        if e["closed_chance"] is not None and "closed_accuracy" in o:
+            lines.append(f"- closed accuracy {o['closed_accuracy']:.3f} vs chance {e['closed_chance']:.3f}")
+        for task, g in e.get("by_task", {}).items():
+            if "closed_chance" in g and len(e["by_task"]) > 1:
+                lines.append(f"- {task} questions ({g['n']}): closed accuracy {g['closed_accuracy']:.3f} "
+                             f"vs chance {g['closed_chance']:.3f}")
+        if "finding" in e.get("by_task", {}):
+            lines.append("- the findings are synthetic: round \"nodules\" painted into the demo images "
+                         "(`medvl/data/demo.py`), asked about to show the model looks at the image")
+    if s["sample"]:
+        q = s["sample"]
+        lines += ["", f"Endpoint: {s['endpoint']}", "", f"- image: `{q['image']}`", f"- question: {q['question']}",
+                  f"- answer: {q['answer']}", f"- expected: {q['expected']}"]
+    lines += ["", *[f"![{p}]({p})" for p in s["plots"]]]
+    return "\n".join(lines) + "\n"
