@@ -1,24 +1,25 @@
 """The final model, written by the training workers as an HF directory.
 
 Parameters are gathered one transformer block at a time (under ZeRO-3 every rank takes
-part; under ZeRO-2 nothing is partitioned and gathering is a no-op), copied to rank 0's
-host in the training dtype and written as safetensors shards of at most
-``max_shard_bytes`` with ``model.safetensors.index.json``, straight to ``OUTPUT/hf``
-(local disk or S3). Rank 0 holds at most one shard plus one block; no process ever holds
-the whole model in fp32 and the driver never loads weights at all. The models we build
+part; under ZeRO-2 nothing is partitioned and gathering is a no-op) and rank 0 streams each
+tensor, in the training dtype, into a safetensors shard of at most ``max_shard_bytes``
+(with ``model.safetensors.index.json``), uploaded to ``OUTPUT/hf`` (local disk or S3) when
+complete. A shard's header is written first, from the parameters' shapes alone, so no
+process ever holds a shard in memory: rank 0 holds one gathered block and, on a GPU, one
+tensor's host copy (``safetensors.torch.save_file`` would hold the shard twice: 10 GB of
+host RAM per 5 GB shard at 13B). The driver never loads weights at all. The models we build
 (CLIP + Llama/Qwen2) have no persistent buffers, so parameters are the whole state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from medvl import storage
 from medvl.model.build import checkpoint_key, processor_for
@@ -67,17 +68,72 @@ def plan_shards(groups: list[list], max_shard_bytes: int) -> list[list[int]]:
     return shards
 
 
-def _gathered(groups, shard: list[int], rank: int, lora: tuple[int, int] | None) -> Iterator[dict]:
-    """Each unit's full tensors on rank 0's host (empty dicts elsewhere), one unit at a time."""
+_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class ShardWriter:
+    """One safetensors file written a tensor at a time: the header (names, dtypes, shapes,
+    offsets) first, from ``layout`` (meta tensors), then each tensor's bytes as it comes, in
+    layout order. The bytes go from the tensor's own memory to the file, without a copy."""
+
+    def __init__(self, path: str, layout: dict[str, torch.Tensor]):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key, t in layout.items():
+            n = t.numel() * t.element_size()
+            header[key] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # tensor data 8-byte aligned, as safetensors writes it
+        self.layout, self.pending = layout, iter(layout)
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.file.write(len(text).to_bytes(8, "little") + text)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        expected = next(self.pending, None)
+        want = self.layout.get(expected)
+        if key != expected or tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise ValueError(f"{key} {tuple(tensor.shape)} {tensor.dtype}: not the next tensor of the shard header")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self.file.write(data.view(torch.uint8).numpy().data)
+
+    def finish(self) -> None:
+        """Check that every tensor of the header was written."""
+        missing = list(self.pending)
+        if missing:
+            raise ValueError(f"shard ends without {missing}")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _unit_tensors(group, lora: tuple[int, int] | None, meta: bool = False) -> dict[str, torch.Tensor]:
+    """One unit's tensors as the files name them, LoRA merged; ``meta``: shapes and dtypes
+    only (the full shapes, also of ZeRO-3 partitions), for a shard's header."""
+    if meta:
+        tensors = {name: torch.empty(getattr(p, "ds_shape", p.shape), dtype=p.dtype, device="meta")
+                   for name, p in group}
+    else:
+        tensors = {name: p.detach() for name, p in group}
+    tensors = merge_lora(tensors, *lora) if lora else tensors
+    return {checkpoint_key(name): t for name, t in tensors.items()}
+
+
+def _write_shard(groups, shard: list[int], rank: int, lora: tuple[int, int] | None, path: str) -> dict:
+    """Collective: gather the shard's units one at a time, rank 0 streaming each to ``path``.
+    Returns the shard's tensors as meta tensors (names and sizes for the index)."""
     import deepspeed
 
-    for i in shard:
-        params = [p for _, p in groups[i]]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # every rank gathers
-            tensors = ({name: p.detach().to("cpu", copy=True).contiguous() for name, p in groups[i]}
-                       if rank == 0 else {})
-        tensors = merge_lora(tensors, *lora) if lora and tensors else tensors
-        yield {checkpoint_key(name): t for name, t in tensors.items()}
+    layout = {k: t for i in shard for k, t in _unit_tensors(groups[i], lora, meta=True).items()}
+    writer = ShardWriter(path, layout) if rank == 0 else None
+    with contextlib.closing(writer) if writer else contextlib.nullcontext():
+        for i in shard:
+            with deepspeed.zero.GatheredParameters([p for _, p in groups[i]], modifier_rank=None):
+                for key, tensor in (_unit_tensors(groups[i], lora) if writer else {}).items():
+                    writer.write(key, tensor)
+        if writer:
+            writer.finish()
+    return layout
 
 
 def export_hf(module: torch.nn.Module, tok, uri: str, rank: int, meta: dict,
@@ -90,17 +146,14 @@ def export_hf(module: torch.nn.Module, tok, uri: str, rank: int, meta: dict,
     weight_map, total = {}, 0
     with tempfile.TemporaryDirectory(prefix="medvl-export-") as tmp:
         for shard, fname in zip(shards, names, strict=True):
-            tensors: dict[str, torch.Tensor] = {}
-            for part in _gathered(groups, shard, rank, lora):
-                tensors.update(part)
+            local = os.path.join(tmp, fname)
+            layout = _write_shard(groups, shard, rank, lora, local)
             if rank != 0:
                 continue
-            local = os.path.join(tmp, fname)
-            save_file(tensors, local, metadata={"format": "pt"})
             storage.upload_file(local, storage.join(uri, fname))
             os.remove(local)  # one shard on local disk at a time
-            weight_map.update(dict.fromkeys(tensors, fname))
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map.update(dict.fromkeys(layout, fname))
+            total += sum(t.numel() * t.element_size() for t in layout.values())
         if rank == 0:
             _write_side_files(module, tok, uri, tmp, weight_map, total, len(shards) > 1, meta)
             write_meta(uri, **meta)
