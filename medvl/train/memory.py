@@ -1,19 +1,24 @@
 """Host memory of a training worker, per phase, so a run says what it needs per process.
 
 At 13B the phases differ by tens of GB (loading the towers, DeepSpeed set-up, training,
-export), and node sizing needs the peak of each. A daemon thread samples this process's
+export), and node sizing needs the peak of each. A watcher process samples this process's
 anonymous RSS every 10 ms (resident memory minus file-backed pages: a model file mapped
 by safetensors is page cache, reclaimable and shared by a node's workers, not memory the
 process owns); ``mark`` closes a phase with its peak and the RSS it leaves behind. Each
 rank writes its phases to ``OUTPUT/memory/rank{r}.json`` (read by ``benchmarks/memory.py``).
+
+The sampler is a process, not a thread: a thread waking 100 times a second takes the GIL
+from the training loop, and on the CPU benchmark that cost 5-7% of the stage-1 step time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import threading
-import time
+import os
+import select
+import subprocess
+import sys
 
 import psutil
 
@@ -37,26 +42,46 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-class PhasePeaks(threading.Thread):
+def watch(pid: int, interval: float = 0.01) -> None:
+    """The watcher's loop: sample ``pid``'s anonymous RSS; on each line from stdin, answer
+    the peak since the previous line. Ends when the worker closes the pipe or exits."""
+    proc = psutil.Process(pid)
+    peak = 0
+    while True:
+        try:
+            peak = max(peak, anon_rss(proc))
+        except psutil.Error:
+            return
+        if select.select([sys.stdin], [], [], interval)[0]:
+            if not sys.stdin.readline():
+                return
+            print(peak, flush=True)
+            peak = 0
+
+
+class PhasePeaks:
     def __init__(self):
-        super().__init__(daemon=True)
         self._proc = psutil.Process()
         self.idle = anon_rss(self._proc)  # before the model exists
-        self._peak = self.idle
         self.phases: dict[str, dict[str, int]] = {}
-        self.start()
-
-    def run(self) -> None:
-        while True:
-            self._peak = max(self._peak, anon_rss(self._proc))
-            time.sleep(0.01)
+        self._watcher = subprocess.Popen([sys.executable, "-m", "medvl.train.memory", str(os.getpid())],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def mark(self, phase: str) -> None:
         """End ``phase``: record its peak RSS and the RSS now, where the next phase starts."""
         now = anon_rss(self._proc)
-        self.phases[phase] = {"peak": max(self._peak, now), "end": now}
-        self._peak = now
+        self._watcher.stdin.write("\n")
+        self._watcher.stdin.flush()
+        peak = int(self._watcher.stdout.readline() or 0)
+        self.phases[phase] = {"peak": max(peak, now), "end": now}
 
     def write(self, output: str, rank: int) -> None:
+        """Write this rank's phases and stop the watcher: the last call."""
         report = {"idle": self.idle, "phases": self.phases}
         storage.write_text(storage.join(output, "memory", f"rank{rank}.json"), json.dumps(report, indent=1))
+        self._watcher.stdin.close()  # the watcher ends with the pipe
+        self._watcher.wait()
+
+
+if __name__ == "__main__":
+    watch(int(sys.argv[1]))
