@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import psutil
@@ -118,6 +119,7 @@ def run_stage(cfg) -> dict:
         train(cfg)
     except Exception as e:  # noqa: BLE001 - e.g. OOM-killed workers: a result, reported as such
         sampler.stop()
+        traceback.print_exc()
         reason = "OOM-killed" if "low on memory" in str(e) else type(e).__name__
         return {"error": reason, "driver": sampler.driver_peak - sampler.driver_idle,
                 "workers": [p - f for f, p in sampler.workers.values()], "phases": {}, "checkpoint_bytes": 0}
@@ -195,6 +197,8 @@ def figures(res: dict, w: int) -> dict[str, float | None]:
     """The table's values for one rehearsal (None where the code records no phases)."""
     gb = 1e9
     s1, s2 = res[f"s1-{LAYERS}"], res["s2"]
+    if "error" in s1:  # stage 1 has no worker figures to show (its traceback is printed above)
+        raise SystemExit(f"stage 1 failed ({s1['error']}): no figures")
     ranks = [r for r in s2["phases"].values()]
 
     def over(phase: str, key: str, base: str | None = None) -> float | None:
@@ -278,8 +282,9 @@ def main() -> None:
     elif args.code:
         env = {**os.environ, "PYTHONPATH": os.path.abspath(args.code)}
         out = root / "before.json"
-        subprocess.run([sys.executable, __file__, "--workdir", str(root), "--json", str(out)], check=True,
-                       env=env, cwd=args.code)
+        # Its own data and towers: a checkout reads the shards its own preprocess writes.
+        subprocess.run([sys.executable, __file__, "--workdir", str(root / "before"), "--json", str(out)],
+                       check=True, env=env, cwd=args.code)
         tables.append(("before", json.loads(out.read_text())))
     tables.append(("after", rehearse(root)))
     w = weights_bytes(root, LAYERS)
