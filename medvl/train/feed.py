@@ -222,12 +222,12 @@ class FeedSource(Datasource):
 
 
 class PacedLoop(ExecutionCallback):
-    """Rests Ray Data's scheduling loop between steps. The loop only blocks (in ``ray.wait``)
-    while a task runs; once the feed is ``READ_AHEAD`` windows ahead of training, as it is
-    whenever reading outpaces the model, no task runs and the loop spins. That loop is a
-    thread of the training worker: it held 55% of a core and the GIL, and the stage-1 step
-    took 2x as long (CPU benchmark, 300 steps). The rest delays the next read by at most
-    ``LOOP_PAUSE_S``, against windows that last 32 steps."""
+    """Rests Ray Data's scheduling loop between steps. The loop's only wait is ``ray.wait``
+    on unfinished task outputs; once the feed is ``READ_AHEAD`` windows ahead of training,
+    as it is whenever reading outpaces the model, nothing makes it wait and it spins. That
+    loop is a thread of the training worker: in a 300-step stage-1 probe it held 55% of a
+    core and the GIL, and a step took 2x as long as with pre-read batches. The rest delays
+    the next read by at most ``LOOP_PAUSE_S``, against windows that last 32 steps."""
 
     def on_execution_step(self, executor) -> None:
         time.sleep(LOOP_PAUSE_S)

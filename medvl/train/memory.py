@@ -70,16 +70,19 @@ class PhasePeaks:
     def mark(self, phase: str) -> None:
         """End ``phase``: record its peak RSS and the RSS now, where the next phase starts."""
         now = anon_rss(self._proc)
-        self._watcher.stdin.write("\n")
-        self._watcher.stdin.flush()
-        peak = int(self._watcher.stdout.readline() or 0)
+        peak = 0
+        with contextlib.suppress(OSError):  # a watcher gone (killed) costs its figure, not the run
+            self._watcher.stdin.write("\n")
+            self._watcher.stdin.flush()
+            peak = int(self._watcher.stdout.readline() or 0)
         self.phases[phase] = {"peak": max(peak, now), "end": now}
 
     def write(self, output: str, rank: int) -> None:
         """Write this rank's phases and stop the watcher: the last call."""
         report = {"idle": self.idle, "phases": self.phases}
         storage.write_text(storage.join(output, "memory", f"rank{rank}.json"), json.dumps(report, indent=1))
-        self._watcher.stdin.close()  # the watcher ends with the pipe
+        with contextlib.suppress(OSError):
+            self._watcher.stdin.close()  # the watcher ends with the pipe
         self._watcher.wait()
 
 

@@ -27,3 +27,13 @@ def test_phase_peak_sees_a_transient_allocation_without_a_thread_in_the_worker(t
     assert load["end"] < load["peak"] - 200 * 2**20
     assert train["peak"] < load["peak"] - 200 * 2**20  # each phase starts from a fresh peak
     assert peaks._watcher.poll() == 0  # write() ends the watcher
+
+
+def test_a_killed_watcher_costs_its_figure_not_the_run(tmp_path):
+    peaks = PhasePeaks()
+    peaks._watcher.kill()
+    peaks._watcher.wait()
+    peaks.mark("load")  # the RSS now still stands as the phase's peak
+    peaks.write(str(tmp_path), 0)
+    load = json.loads((tmp_path / "memory" / "rank0.json").read_text())["phases"]["load"]
+    assert load["peak"] == load["end"] > 0
