@@ -9,7 +9,7 @@ tower directories, stage 2 (ZeRO-3, projector + LLM) from stage 1's export; 2 CP
 2 steps each, the final export included. A sampler thread reads the RSS of the driver and of
 every Ray Train worker of this run every 20 ms; the workers also record their own peak per
 phase (``OUTPUT/memory/rank*.json``: load, DeepSpeed set-up, train, export). Memory is
-anonymous RSS (``medvl.train.memory.anon_rss``): safetensors maps model files, and those
+anonymous RSS (as ``medvl.train.memory.Statm`` reads it): safetensors maps model files, and those
 file-backed pages are reclaimable page cache shared by a node's workers, not process memory.
 (A 0.41B rehearsal did not fit: on CPU stage 2 holds optimizer state, gradients and
 DeepSpeed's buckets in host RAM, ~6 W per worker, where a GPU holds them in GPU memory.)
@@ -73,8 +73,8 @@ def make_towers(root: str, layers: int, tokenizer: str) -> None:
 
 
 def anon_rss(proc: psutil.Process) -> int:
-    """As ``medvl.train.memory.anon_rss``, here too because ``--code`` rehearses checkouts
-    that predate that module."""
+    """What ``medvl.train.memory.Statm`` reads, via psutil here because this sampler
+    watches many processes and ``--code`` rehearses checkouts that predate that module."""
     m = proc.memory_info()
     return m.rss - getattr(m, "shared", 0)
 
