@@ -113,6 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
         norm = engine.get_global_grad_norm()  # before clipping, over all ranks' gradients
         pending.append({"step": step + 1, "loss": float(np.mean(losses)), "tokens": tokens, "padded": padded,
                         "lr": float(sched.get_last_lr()[0]), "step_s": dt, "data_wait": wait / dt,
+                        "time": time.time(),  # when the step ended: loss against wall-clock time
                         "grad_norm": None if norm is None else float(norm)})
         last = step + 1 == steps
         save = last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
@@ -140,7 +141,7 @@ def sync_metrics(pending: list[dict], world: int) -> list[dict]:
     torch.distributed.all_reduce(sums)
     return [{"step": p["step"], "loss": loss / world, "lr": p["lr"], "grad_norm": p["grad_norm"],
              "tokens_per_s": tokens / p["step_s"], "step_s": p["step_s"], "padding": 1 - tokens / padded,
-             "data_wait": p["data_wait"]}
+             "data_wait": p["data_wait"], "time": p["time"]}
             for p, (loss, tokens, padded) in zip(pending, sums.tolist(), strict=True)]
 
 
