@@ -71,7 +71,7 @@ def main() -> None:
                         collate_fn=partial(collate_rows, pad_id=tok.pad_token_id,
                                            image_size=model.config.vision_config.image_size))
     micro = iter(loader)
-    times = []
+    times, ends = [], []
     for _ in range(plan.steps):
         t0 = time.perf_counter()
         for _ in range(cfg.grad_accum):
@@ -80,9 +80,11 @@ def main() -> None:
             engine.step()
             loss.item()  # the Ray loop logs every step's loss too
         times.append(time.perf_counter() - t0)
-    if rank == 0:
+        ends.append(time.time())
+    if rank == 0:  # window: wall-clock time from the end of warm-up to the last step
         with open(out, "w") as f:
-            json.dump({"step_s": statistics.median(times[warmup:]), "steps": len(times)}, f)
+            json.dump({"step_s": statistics.median(times[warmup:]), "steps": len(times),
+                       "window": [ends[warmup - 1], ends[-1]]}, f)
     dist.destroy_process_group()
 
 

@@ -7,8 +7,11 @@
    curriculum stage (stage 1: projector trainable, ZeRO-2; stage 2: projector + LLM, ZeRO-2
    and the recipe's ZeRO-3), at global batch 32 and 128 (the paper's stage-2 global batch).
    Target: Ray / torchrun <=1.05 at batch 128 for stage 1 ZeRO-2 and stage 2 ZeRO-3. A bare
-   single-process torch loop on the same global batch is printed as context, then the
-   DeepSpeed engine's own share, in one process.
+   single-process torch loop on the same global batch is printed as context, then where the
+   machine's cores went during the timed steps (the training ranks' CPU per step, and what
+   every other process took: Ray's daemons and actors are a fixed cost, here of 2 cores,
+   on a GPU node of 96+), then the DeepSpeed engine's own share, in one process. Runs are
+   160 steps, so that the feed reads while the model trains, as it does at any real size.
 2. Padding fraction with length grouping vs random batching on a ChiMed-VL-like length
    mix (576 image tokens + questions median 20 / answers median 22 tokens, and long
    captions). Target: <=10% padded tokens with grouping.
@@ -27,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,8 +49,74 @@ from medvl.train.optim import trainable_groups
 from medvl.train.trainer import feed_plan, read_manifest, train
 
 WARMUP = 5
-STEPS = 60  # per run, warm-up included
+STEPS = 160  # per run, warm-up included: 5 windows per rank, so 3 are read while training
 ROUNDS = 3  # this 2-core machine's step time drifts by up to 40% between runs a minute apart
+RANKS = ("RayTrainWorker", "torchrun_baseline.py")  # how the training ranks' command lines read
+
+
+@dataclasses.dataclass
+class Run:
+    """One run's median step and where the machine's CPU went while it stepped."""
+
+    step_s: float
+    ranks: float  # cores used by the training ranks (a torch DataLoader's workers included)
+    other: float  # cores used by every other process: Ray's daemons, actors and read tasks, launchers
+    cpu_step_s: float  # the ranks' CPU seconds per step
+
+
+class CpuMeter:
+    """CPU ticks of every process on the machine from ``/proc``, sampled by a thread every
+    0.25 s while a run goes; ``run`` reads the cores used between two wall-clock times (the
+    timed steps: start-up and export left out)."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.samples = interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> CpuMeter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            self.samples.append((time.time(), process_ticks()))
+            if self._stop.wait(self.interval):
+                return
+
+    def run(self, step_s: float, window: tuple[float, float], steps: int) -> Run:
+        inside = [x for x in self.samples if window[0] <= x[0] <= window[1]]
+        if len(inside) < 2:
+            raise RuntimeError(f"timed steps lasted {window[1] - window[0]:.1f} s: too short to sample")
+        (ta, a), (tb, b) = inside[0], inside[-1]
+        ranks = other = 0
+        for pid, (ticks, cmd) in b.items():
+            used = ticks - a.get(pid, (0, cmd))[0]  # a process started in between: all its ticks
+            if any(r in cmd for r in RANKS):
+                ranks += used
+            else:
+                other += used
+        seconds = (tb - ta) * os.sysconf("SC_CLK_TCK")
+        return Run(step_s, ranks / seconds, other / seconds, ranks / seconds * (window[1] - window[0]) / steps)
+
+
+def process_ticks() -> dict[str, tuple[int, str]]:
+    """pid -> (user + system ticks, command line) of every process now running."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline") as f:
+                cmd = f.read().replace("\0", " ")
+        except OSError:  # ended meanwhile
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12]), cmd)
+    return out
 
 
 def torch_step(model, opt, batch: dict) -> None:
@@ -78,8 +148,8 @@ def bare_loop(cfg: TrainConfig, steps: int) -> float:
     return statistics.median(times[WARMUP:])
 
 
-def torchrun_loop(cfg: TrainConfig, steps: int, workdir: Path) -> float:
-    """Median step time of the torchrun + DataLoader + DeepSpeed baseline (see its module)."""
+def torchrun_loop(cfg: TrainConfig, steps: int, workdir: Path) -> Run:
+    """The torchrun + DataLoader + DeepSpeed baseline (see its module)."""
     cfg_file, out = workdir / "torchrun-config.json", workdir / "torchrun-result.json"
     cfg_file.write_text(json.dumps(dataclasses.asdict(cfg)))
     with socket.socket() as sock:
@@ -87,10 +157,12 @@ def torchrun_loop(cfg: TrainConfig, steps: int, workdir: Path) -> float:
         port = sock.getsockname()[1]
     script = Path(__file__).with_name("torchrun_baseline.py")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.num_workers}",
-                    "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(cfg_file), str(steps),
-                    str(WARMUP), str(out)], check=True, env=env, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())["step_s"]
+    with CpuMeter() as meter:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.num_workers}",
+                        "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(cfg_file),
+                        str(steps), str(WARMUP), str(out)], check=True, env=env, stdout=subprocess.DEVNULL)
+    result = json.loads(out.read_text())
+    return meter.run(result["step_s"], result["window"], steps - WARMUP)
 
 
 def engine_overhead(cfg: TrainConfig, steps: int) -> tuple[float, float]:
@@ -143,20 +215,21 @@ def chimed_like_lengths(n: int, seed: int = 0) -> np.ndarray:
     return (576 + np.minimum(text, 2048 - 576)).astype(int)
 
 
-def ray_loop(cfg: TrainConfig) -> tuple[int, float]:
-    """(steps, median step time) of the Ray Train + Ray Data + DeepSpeed loop, on a Ray
-    instance of its own that is shut down after it: the baselines run with no Ray process
-    left on the machine."""
+def ray_loop(cfg: TrainConfig) -> Run:
+    """The Ray Train + Ray Data + DeepSpeed loop, on a Ray instance of its own that is shut
+    down after it: the baselines run with no Ray process left on the machine."""
     import ray
 
     shutil.rmtree(cfg.output, ignore_errors=True)
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        summary = train(cfg)
+        with CpuMeter() as meter:
+            train(cfg)
     finally:
         ray.shutdown()
     history = [json.loads(x) for x in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
-    return summary["steps"], statistics.median(h["step_s"] for h in history[WARMUP:])
+    return meter.run(statistics.median(h["step_s"] for h in history[WARMUP:]),
+                     (history[WARMUP - 1]["time"], history[-1]["time"]), len(history) - WARMUP)
 
 
 def prepare_data(root: Path) -> None:
@@ -176,6 +249,7 @@ def prepare_data(root: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="benchmarks/out/train")
+    ap.add_argument("--steps", type=int, default=STEPS, help="steps per run, warm-up included (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="Ray / torchrun pairs per run (default %(default)s)")
     args = ap.parse_args()
     root = Path(args.workdir)
@@ -189,11 +263,17 @@ def main() -> None:
         cfg = TrainConfig(stage=stage, data=str(root / f"data-{corpus}"),
                           output=str((root / f"run-{stage}-{zero}-{per_worker}").resolve()), name="bench",
                           tokenizer=str(root / "demo/tokenizer"), batch_size=per_worker, lr=1e-3,
-                          epochs=100, max_steps=STEPS, zero_stage=zero, log_every=10**9)
+                          epochs=100, max_steps=args.steps, zero_stage=zero, log_every=10**9)
+        steps = feed_plan(cfg, read_manifest(cfg.data)).steps
         pairs = []
-        for _ in range(args.rounds):  # each pair back to back: the machine's drift hits both alike
-            steps, ray_step = ray_loop(cfg)
-            pairs.append((ray_step, torchrun_loop(cfg, steps, root)))
+        for i in range(args.rounds):  # back to back, each first in turn: the machine's drift hits both alike
+            if i % 2:
+                torchrun_run = torchrun_loop(cfg, steps, root)
+                ray_run = ray_loop(cfg)
+            else:
+                ray_run = ray_loop(cfg)
+                torchrun_run = torchrun_loop(cfg, steps, root)
+            pairs.append((ray_run, torchrun_run))
         rows.append((f"stage {stage}, ZeRO-{zero}", cfg, steps, pairs))
     # In-process baselines last: engine_overhead makes this process a one-rank torch group.
     rows = [(name, steps, cfg.global_batch, pairs, bare_loop(cfg, steps), engine_overhead(cfg, 30))
@@ -211,15 +291,26 @@ def main() -> None:
     print(f"{'run':<20}{'steps':>6}{'batch':>7}{'torchrun ms':>12}{'Ray ms':>8}{'ratio':>7}{'pairs':>12}"
           f"{'bare 1-proc ms':>15}{'Ray/bare':>9}")
     for name, steps, batch, pairs, bare_step, _ in rows:
-        ray_step, tr_step = (statistics.median(x) for x in zip(*pairs, strict=True))
-        ratios = [r / t for r, t in pairs]
+        ray_step, tr_step = (statistics.median(run.step_s for run in side) for side in zip(*pairs, strict=True))
+        ratios = [r.step_s / t.step_s for r, t in pairs]
         ratio = statistics.median(ratios)
         target = batch == 128 and name in ("stage 1, ZeRO-2", "stage 2, ZeRO-3")
         verdict = ("  MET" if ratio <= 1.05 else "  MISSED") if target else ""
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
         print(f"{name:<20}{steps:>6}{batch:>7}{1000 * tr_step:>12.1f}{1000 * ray_step:>8.1f}"
               f"{ratio:>7.2f}{spread:>12}{1000 * bare_step:>15.1f}{ray_step / bare_step:>9.2f}{verdict}")
-    print("\n(1b) where the ratio comes from: DeepSpeed engine vs plain torch, one process, one thread,")
+    print("\n(1b) where the 2 cores went during the timed steps (median of the pairs): cores used by the")
+    print("     training ranks and by every other process (Ray: its daemons, idle actors, read tasks and the")
+    print("     memory watchers; torchrun: its launcher), and the ranks' own CPU seconds per step")
+    print(f"{'run':<20}{'batch':>6}{'Ray ranks':>10}{'other':>7}{'torchrun ranks':>15}{'other':>7}"
+          f"{'CPU/step Ray/torchrun':>23}")
+    for name, _, batch, pairs, *_ in rows:
+        ray_side, tr_side = ({k: statistics.median(getattr(run, k) for run in side) for k in ("ranks", "other")}
+                             for side in zip(*pairs, strict=True))
+        cpu = statistics.median(r.cpu_step_s / t.cpu_step_s for r, t in pairs)
+        print(f"{name:<20}{batch:>6}{ray_side['ranks']:>10.2f}{ray_side['other']:>7.2f}{tr_side['ranks']:>15.2f}"
+              f"{tr_side['other']:>7.2f}{cpu:>23.2f}")
+    print("\n(1c) where the ratio comes from: DeepSpeed engine vs plain torch, one process, one thread,")
     print("     one micro batch (no communication, no Ray)")
     print(f"{'run':<20}{'torch ms':>9}{'DS ms':>8}{'ratio':>7}")
     for name, *_, (plain, ds) in rows:
