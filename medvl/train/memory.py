@@ -38,6 +38,9 @@ class Statm:
         rss, shared = os.pread(self.fd, 128, 0).split()[1:3]
         return (int(rss) - int(shared)) * self.PAGE
 
+    def close(self) -> None:
+        os.close(self.fd)
+
 
 def release_free_memory() -> None:
     """Hand freed heap back to the OS. Loading gathers and frees every module once (ZeRO-3)
@@ -94,6 +97,7 @@ class PhasePeaks:
         with contextlib.suppress(OSError):
             self._watcher.stdin.close()  # the watcher ends with the pipe
         self._watcher.wait()
+        self._statm.close()  # a worker builds one PhasePeaks per run attempt: no fd left open
 
 
 if __name__ == "__main__":
