@@ -9,9 +9,10 @@
    Target: Ray / torchrun <=1.05 at batch 128 for stage 1 ZeRO-2 and stage 2 ZeRO-3. A bare
    single-process torch loop on the same global batch is printed as context, then where the
    machine's cores went during the timed steps (the training ranks' CPU per step, and what
-   every other process took: Ray's daemons and actors are a fixed cost, here of 2 cores,
-   on a GPU node of 96+), then the DeepSpeed engine's own share, in one process. Runs are
-   160 steps, so that the feed reads while the model trains, as it does at any real size.
+   every other process took, by process on the target rows: Ray's daemons and actors are a
+   fixed cost, here of 2 cores, on a GPU node of 96+), then the DeepSpeed engine's own
+   share, in one process. Runs are 160 steps, so that the feed reads while the model
+   trains, as it does at any real size.
 2. Padding fraction with length grouping vs random batching on a ChiMed-VL-like length
    mix (576 image tokens + questions median 20 / answers median 22 tokens, and long
    captions). Target: <=10% padded tokens with grouping.
@@ -22,6 +23,7 @@ Usage: python benchmarks/train.py [--workdir benchmarks/out/train]
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -61,8 +63,12 @@ class Run:
 
     step_s: float
     ranks: float  # cores used by the training ranks (a torch DataLoader's workers included)
-    other: float  # cores used by every other process: Ray's daemons, actors and read tasks, launchers
+    others: dict[str, float]  # cores used by every other process, by name: Ray's daemons, actors, read tasks
     cpu_step_s: float  # the ranks' CPU seconds per step
+
+    @property
+    def other(self) -> float:
+        return sum(self.others.values())
 
 
 class CpuMeter:
@@ -94,15 +100,30 @@ class CpuMeter:
         if len(inside) < 2:
             raise RuntimeError(f"timed steps lasted {window[1] - window[0]:.1f} s: too short to sample")
         (ta, a), (tb, b) = inside[0], inside[-1]
-        ranks = other = 0
+        ranks, others = 0, collections.Counter()
         for pid, (ticks, cmd) in b.items():
             used = ticks - a.get(pid, (0, cmd))[0]  # a process started in between: all its ticks
             if any(r in cmd for r in RANKS):
                 ranks += used
             else:
-                other += used
+                others[process_name(cmd)] += used
         seconds = (tb - ta) * os.sysconf("SC_CLK_TCK")
-        return Run(step_s, ranks / seconds, other / seconds, ranks / seconds * (window[1] - window[0]) / steps)
+        return Run(step_s, ranks / seconds, {k: v / seconds for k, v in others.items()},
+                   ranks / seconds * (window[1] - window[0]) / steps)
+
+
+def process_name(cmd: str) -> str:
+    """A process's short name: a Ray worker's ``ray::Name``, else the script, module or
+    program it runs (``kernel`` for the kernel's own threads, which have no command line)."""
+    words = cmd.split()
+    if not words:
+        return "kernel"
+    if words[0].startswith("ray::"):
+        return words[0].split(".")[0]
+    if "-m" in words[:-1]:
+        return words[words.index("-m") + 1]
+    script = next((w for w in words[1:] if w.endswith(".py")), words[0])
+    return os.path.basename(script)
 
 
 def process_ticks() -> dict[str, tuple[int, str]]:
@@ -317,7 +338,19 @@ def main() -> None:
         cpu = statistics.median(r.cpu_step_s / t.cpu_step_s for r, t in pairs)
         print(f"{name:<20}{batch:>6}{ray_side['ranks']:>10.2f}{ray_side['other']:>7.2f}{tr_side['ranks']:>15.2f}"
               f"{tr_side['other']:>7.2f}{cpu:>23.2f}")
-    print("\n(1c) where the ratio comes from: DeepSpeed engine vs plain torch, one process, one thread,")
+    print("\n(1c) the Ray side's other processes on the target rows, cores each (median of the pairs; those")
+    print("     over 0.005): a Ray Python process, busy or idle, wakes every 10 ms (its signal check), ~0.008 of")
+    print("     a core each; torchrun's other processes beside them")
+    for name, _, batch, pairs, *_ in rows:
+        if judged(name, batch):
+            ray_side, tr_side = zip(*pairs, strict=True)
+            names = sorted({k for run in ray_side for k in run.others})
+            cores = {k: statistics.median(run.others.get(k, 0.0) for run in ray_side) for k in names}
+            shown = sorted((k for k in names if cores[k] > 0.005), key=cores.get, reverse=True)
+            print(f"{name}, batch {batch}: Ray {sum(cores.values()):.2f} = "
+                  + ", ".join(f"{k} {cores[k]:.3f}" for k in shown)
+                  + f"; torchrun {statistics.median(run.other for run in tr_side):.2f}")
+    print("\n(1d) where the ratio comes from: DeepSpeed engine vs plain torch, one process, one thread,")
     print("     one micro batch (no communication, no Ray)")
     print(f"{'run':<20}{'torch ms':>9}{'DS ms':>8}{'ratio':>7}")
     for name, *_, (plain, ds) in rows:
