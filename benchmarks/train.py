@@ -294,8 +294,10 @@ def main() -> None:
                           tokenizer=str(root / "demo/tokenizer"), batch_size=per_worker, lr=1e-3,
                           epochs=100, max_steps=args.steps, zero_stage=zero, log_every=10**9)
         steps = feed_plan(cfg, read_manifest(cfg.data)).steps
+        name = f"stage {stage}, ZeRO-{zero}"
         pairs = []
-        for i in range(args.target_rounds if judged(f"stage {stage}, ZeRO-{zero}", cfg.global_batch) else args.rounds):  # back to back, each first in turn: the machine's drift hits both alike
+        for i in range(args.target_rounds if judged(name, cfg.global_batch) else args.rounds):
+            # back to back, each first in turn: the machine's drift hits both alike
             if i % 2:
                 torchrun_run = torchrun_loop(cfg, steps, root)
                 ray_run = ray_loop(cfg)
@@ -303,7 +305,7 @@ def main() -> None:
                 ray_run = ray_loop(cfg)
                 torchrun_run = torchrun_loop(cfg, steps, root)
             pairs.append((ray_run, torchrun_run))
-        rows.append((f"stage {stage}, ZeRO-{zero}", cfg, steps, pairs))
+        rows.append((name, cfg, steps, pairs))
     # In-process baselines last: engine_overhead makes this process a one-rank torch group.
     rows = [(name, steps, cfg.global_batch, pairs, bare_loop(cfg, steps), engine_overhead(cfg, 30))
             for name, cfg, steps, pairs in rows]
