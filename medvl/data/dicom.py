@@ -22,7 +22,7 @@ from pydicom.pixels import (
     pixel_array,
 )
 
-from medvl.data.images import ImageError, ImageSpec, check_size
+from medvl.data.limits import ImageError, ImageSpec, check_size
 
 PERCENTILES = (0.5, 99.5)
 

@@ -7,10 +7,12 @@ once, at load time, so shards stay 4x smaller than float pixels.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from medvl.data.dicom import dicom_to_array
+from medvl.data.limits import ImageError, ImageSpec, band_geometry, check_size
 
 # CLIP's image mean as 0-255 integers: LLaVA's ``expand2square`` background colour.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -20,42 +22,13 @@ PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)
 RESAMPLE = Image.Resampling.BICUBIC  # CLIPImageProcessor's filter
 
 
-class ImageError(Exception):
-    """An image that cannot be used; ``reason`` is the rejects.jsonl reason code."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    size: int = 336
-    aspect: str = "pad"  # "pad" (expand to square, Qilin-Med-VL) or "crop" (resize + centre crop)
-    max_pixels: int = 50_000_000  # pixel-bomb guard, checked before pixels are decoded
-
-
 def is_dicom(data: bytes, name: str = "") -> bool:
     return name.lower().endswith(".dcm") or data[128:132] == b"DICM"
-
-
-def check_size(w: int, h: int, spec: ImageSpec) -> None:
-    """``image_too_large`` from the header's dimensions, before any pixel is decoded: the
-    image itself, and the canvas ``fit`` would build for it."""
-    if w * h > spec.max_pixels:
-        raise ImageError("image_too_large", f"{w}x{h} pixels > max_pixels={spec.max_pixels}")
-    canvas = canvas_pixels(w, h, spec.size, spec.aspect)
-    if canvas > spec.max_pixels:
-        raise ImageError("image_too_large", f"{w}x{h} needs a {canvas}-pixel canvas to {spec.aspect} "
-                                            f"> max_pixels={spec.max_pixels}")
 
 
 def decode(data: bytes, name: str, spec: ImageSpec) -> Image.Image:
     """Bytes of any supported format -> RGB or greyscale PIL image, or ``ImageError``."""
     if is_dicom(data, name):
-        from medvl.data.dicom import dicom_to_array
-
         return Image.fromarray(dicom_to_array(data, spec))
     try:
         img = Image.open(io.BytesIO(data))
@@ -112,35 +85,11 @@ def _rgb(img: Image.Image) -> np.ndarray:
     return np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 2 else arr
 
 
-def _band_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int, int, float]:
-    """Output lines ``r0..r1`` whose filter window touches the image, the canvas band
-    ``c0..c1`` they read, the image's offset in the square, input pixels per output line."""
-    side, short = max(w, h), min(w, h)
-    offset = (side - short) // 2  # expand2square's padding before the image
-    scale = side / size  # input pixels per output line (>= 2 here)
-    support = 2.0 * scale  # bicubic radius 2, stretched by the downscale
-    r0 = max(0, int(np.floor((offset - support) / scale - 0.5)))
-    r1 = min(size, int(np.ceil((offset + short + support) / scale + 0.5)))
-    margin = int(np.ceil(2.5 * support + scale)) + 2  # every window of r0..r1 fits the band
-    return r0, r1, max(0, offset - margin), min(side, offset + short + margin), offset, scale
-
-
-def canvas_pixels(w: int, h: int, size: int, aspect: str) -> int:
-    """Pixels ``fit`` allocates for a ``w x h`` image: checked before decoding, since a
-    tiny file can describe an image whose padded canvas fills the host (20000 x 1)."""
-    if aspect == "crop" or w == h:
-        return w * h
-    if max(w, h) < 2 * size:
-        return max(w, h) ** 2
-    _, _, c0, c1, _, _ = _band_geometry(w, h, size)
-    return max(w, h) * (c1 - c0)
-
-
 def _pad_resize(img: Image.Image, size: int) -> np.ndarray:
     w, h = img.size
     vertical = w > h  # padding above/below (landscape) or left/right (portrait)
     # Output lines outside r0..r1 stay pad colour.
-    r0, r1, c0, c1, offset, scale = _band_geometry(w, h, size)
+    r0, r1, c0, c1, offset, scale = band_geometry(w, h, size)
     band = _band(img, vertical, c0, c1, offset)
     lo, hi = r0 * scale - c0, r1 * scale - c0
     out = np.empty((size, size, 3), np.uint8)
