@@ -11,9 +11,15 @@ and pylibjpeg (JPEG Lossless and JPEG-LS, the usual PACS export formats).
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pydicom
+from pydicom.filebase import DicomBytesIO
+
+# pydicom's own pixel module reads the file meta and the header this way (pixels/utils.py)
+from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -25,6 +31,9 @@ from pydicom.pixels import (
 from medvl.data.limits import ImageError, ImageSpec, check_size
 
 PERCENTILES = (0.5, 99.5)
+HEADER_BYTES = 1 << 20  # a deflated file's elements before its pixel data, inflated: far above real headers
+TRAILER_BYTES = 1 << 16  # and after them (padding, signatures)
+PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 
 
 def _scale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -122,10 +131,10 @@ def dicom_to_array(data: bytes, spec: ImageSpec) -> np.ndarray:
     Sizes are checked from the header, and only the first frame is decoded (a small
     compressed multi-frame file can hold gigabytes of frames)."""
     try:
-        # force: a file without the 128-byte preamble + "DICM" (many PACS exports) is still
-        # DICOM when its name or MIME type says so; a non-DICOM one fails on Rows below.
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = _read(data, spec)
         rows, cols = int(ds.Rows), int(ds.Columns)
+    except ImageError:
+        raise
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken files
         raise ImageError("corrupt_image", f"not a readable DICOM image: {type(e).__name__}: {e}") from e
     check_size(cols, rows, spec)
@@ -138,3 +147,55 @@ def dicom_to_array(data: bytes, spec: ImageSpec) -> np.ndarray:
         return _colour(ds, arr)
     except Exception as e:  # noqa: BLE001 - missing codecs, truncated pixel data, ...
         raise ImageError("corrupt_image", f"cannot decode DICOM pixels: {type(e).__name__}: {e}") from e
+
+
+def _read(data: bytes, spec: ImageSpec) -> pydicom.Dataset:
+    """The whole dataset; a deflated one inflated only as far as its header allows."""
+    fp = DicomBytesIO(data)
+    # force: a file without the 128-byte preamble + "DICM" (many PACS exports) is still
+    # DICOM when its name or MIME type says so; a non-DICOM one fails on Rows later.
+    read_preamble(fp, force=True)
+    meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return pydicom.dcmread(io.BytesIO(data), force=True)
+    return _inflate(data[fp.tell():], meta, spec)
+
+
+def _inflate(body: bytes, meta: pydicom.Dataset, spec: ImageSpec) -> pydicom.Dataset:
+    """A deflated dataset (PS3.5 A.5) inflated with a bound: first its header (at most
+    ``HEADER_BYTES``), whose size, frames and bit depth say how many pixel bytes may
+    follow; then only those. pydicom inflates the whole stream in one call: a 400 KB file
+    can hold gigabytes of zeros behind a 16x16 header."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head = inflater.decompress(body, HEADER_BYTES)
+    fp = _explicit_le(head)
+    header = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_at_pixel_data)
+    at = fp.tell()
+    if head[at:at + 4] != PIXEL_DATA or len(head) < at + 12:
+        if inflater.unconsumed_tail:
+            raise ImageError("image_too_large", f"deflated DICOM header larger than {HEADER_BYTES} bytes")
+        raise ImageError("corrupt_image", "deflated DICOM without pixel data")
+    declared = struct.unpack("<I", head[at + 8:at + 12])[0]
+    rows, cols = int(header.Rows), int(header.Columns)
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    check_size(cols, rows, spec)
+    if frames * rows * cols > spec.max_pixels:  # a deflated file is inflated whole, every frame
+        raise ImageError("image_too_large", f"{frames} frames of {cols}x{rows} pixels (deflated, so all "
+                                            f"are inflated) > max_pixels={spec.max_pixels}")
+    bits = frames * rows * cols * int(header.get("SamplesPerPixel", 1)) * int(header.get("BitsAllocated", 0))
+    if declared > (bits + 7) // 8 + 1:  # +1: odd lengths are padded to even
+        raise ImageError("corrupt_image", f"{declared} bytes of pixel data declared for {frames} frame(s) "
+                                          f"of {cols}x{rows} that need {(bits + 7) // 8}")
+    room = at + 12 + declared + TRAILER_BYTES - len(head)
+    rest = inflater.decompress(inflater.unconsumed_tail, room + 1) if room > 0 else b""
+    if len(rest) > room or inflater.unconsumed_tail:
+        raise ImageError("image_too_large", "deflated DICOM inflates past the size its header declares")
+    ds = read_dataset(_explicit_le(head + rest), is_implicit_VR=False, is_little_endian=True)
+    ds.file_meta = meta
+    return ds
+
+
+def _explicit_le(data: bytes) -> DicomBytesIO:
+    fp = DicomBytesIO(data)
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    return fp
