@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # Local Ray clusters here run without token auth (see README, FAQ, and docs/guide.md, "Ray auth").
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test test-fast demo bench vllm vllm-check clean
+.PHONY: setup test test-fast demo bench gpu-smoke vllm vllm-check clean
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,11 @@ vllm-check: setup vllm
 		--model $(DEMO)/model --answers $(DEMO)/vllm_answers.json
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python tests/serving/vllm_parity.py serve \
 		--model $(DEMO)/model --answers $(DEMO)/vllm_answers.json
+
+# One GPU, under 8 minutes: the real path (NCCL, ZeRO-2/3, probe, export, eval, Serve) on a
+# random-init model of the real shape; its CPU mode runs inside `make test` (workflows/gpu_smoke.py).
+gpu-smoke: setup
+	$(PY) workflows/gpu_smoke.py --out runs/gpu-smoke | tee runs/gpu-smoke.txt
 
 bench: setup
 	$(PY) benchmarks/preprocess.py

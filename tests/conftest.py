@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 # Local clusters in tests run without Ray's token auth (it breaks `ray job submit`).
@@ -78,6 +84,36 @@ def s3_endpoint():
     yield "s3://medvl-test"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class Head:
+    dashboard: str  # http://127.0.0.1:PORT, for `ray job submit --address`
+    gcs: str  # 127.0.0.1:PORT, for RAY_ADDRESS
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A separate local Ray cluster, as `ray start --head` makes it; removed afterwards."""
+    temp = tempfile.mkdtemp(prefix="rh")  # short: Ray's socket paths must stay under 107 bytes
+    dash, gcs = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # Every port explicit: the test session's own Ray already holds the default agent ports.
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port")]
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "start", "--head", "--num-cpus=4", f"--port={gcs}", *ports, "--include-dashboard=true",
+                    f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    yield Head(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", env)
+    procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp in c for c in (p.info["cmdline"] or []))]
+    for p in procs:  # every process of this cluster (and only of it) names its temp dir
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,18 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def device_peak() -> int:
+    """Peak GPU memory this process allocated since the previous call (0 without CUDA): the
+    figure a GPU run is sized by, per phase like the host's."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0
+    peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 def watch(pid: int, interval: float = 0.02) -> None:
     """The watcher's loop: sample ``pid``'s anonymous RSS; on each line from stdin, answer
     the peak since the previous line. Ends when the worker closes the pipe or exits. At
@@ -88,7 +100,7 @@ class PhasePeaks:
             self._watcher.stdin.write("\n")
             self._watcher.stdin.flush()
             peak = int(self._watcher.stdout.readline() or 0)
-        self.phases[phase] = {"peak": max(peak, now), "end": now}
+        self.phases[phase] = {"peak": max(peak, now), "end": now, "device_peak": device_peak()}
 
     def write(self, output: str, rank: int) -> None:
         """Write this rank's phases and stop the watcher: the last call."""

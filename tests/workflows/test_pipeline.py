@@ -1,18 +1,12 @@
 """The demo pipeline as users run it on a cluster: `ray start --head`, then `ray job submit`."""
 
-import contextlib
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
@@ -30,28 +24,6 @@ ARTIFACTS = {"demo-data": "demo-data", "preprocess-alignment": "data/alignment",
 
 
 @pytest.fixture(scope="module")
-def head():
-    """A separate local Ray cluster, as `ray start --head` makes it; removed afterwards."""
-    temp = tempfile.mkdtemp(prefix="rh")  # short: Ray's socket paths must stay under 107 bytes
-    dash = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    # Every port explicit: the test session's own Ray already holds the default agent ports.
-    ports = [f"--{name}={free_port()}" for name in (
-        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port")]
-    subprocess.run([RAY, "start", "--head", "--num-cpus=4", *ports, "--include-dashboard=true",
-                    f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=120)
-    yield f"http://127.0.0.1:{dash}", env
-    procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp in c for c in (p.info["cmdline"] or []))]
-    for p in procs:  # every process of this cluster (and only of it) names its temp dir
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=30)
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     """The demo recipe, reduced to keep CI short (fewer images and steps, a free port)."""
     doc = yaml.safe_load((REPO / "workflows/configs/demo.yaml").read_text())
@@ -66,7 +38,7 @@ def recipe(tmp_path_factory):
 
 
 def submit(head, recipe: Path, run: Path) -> str:
-    address, env = head
+    address, env = head.dashboard, head.env
     job = f"pipeline-{uuid.uuid4().hex[:8]}"
     for _ in range(30):  # the head's job agent registers a few seconds after `ray start`
         proc = subprocess.run(
@@ -88,7 +60,8 @@ def statuses(run: Path) -> dict[str, str]:
     return {k: v["status"] for k, v in json.loads((run / "summary.json").read_text())["steps"].items()}
 
 
-def test_job_submit_runs_skips_and_resumes(head, recipe, tmp_path):
+def test_job_submit_runs_skips_and_resumes(ray_head, recipe, tmp_path):
+    head = ray_head
     run = tmp_path / "run"
     out = submit(head, recipe, run)
     assert statuses(run) == dict.fromkeys(STEPS, "ran")
