@@ -23,6 +23,7 @@ import torch
 
 from medvl import storage
 from medvl.train.batching import model_inputs
+from medvl.train.collectives import all_reduce_sum, host_group
 from medvl.train.config import TrainConfig
 from medvl.train.export import export_hf
 from medvl.train.feed import FeedCollate, FeedPlan, rank_feed
@@ -54,6 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     memory = PhasePeaks()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    host_group()  # all ranks together, before the long load: the group sync_metrics uses
     torch.manual_seed(cfg.seed)
     if not cfg.use_gpu:  # one intra-op thread per allotted core: no oversubscription
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -137,12 +139,11 @@ def train_loop_per_worker(config: dict) -> None:
 
 def sync_metrics(pending: list[dict], world: int) -> list[dict]:
     """Per-step records of this rank -> global ones (mean loss, summed tokens), in one all_reduce."""
-    sums = torch.tensor([[p["loss"], p["tokens"], p["padded"]] for p in pending], dtype=torch.float64)
-    torch.distributed.all_reduce(sums)
+    sums = all_reduce_sum([[p["loss"], p["tokens"], p["padded"]] for p in pending])
     return [{"step": p["step"], "loss": loss / world, "lr": p["lr"], "grad_norm": p["grad_norm"],
              "tokens_per_s": tokens / p["step_s"], "step_s": p["step_s"], "padding": 1 - tokens / padded,
              "data_wait": p["data_wait"], "time": p["time"]}
-            for p, (loss, tokens, padded) in zip(pending, sums.tolist(), strict=True)]
+            for p, (loss, tokens, padded) in zip(pending, sums, strict=True)]
 
 
 def save_and_report(engine, state: dict) -> None:
