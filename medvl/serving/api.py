@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, Field, StrictBool
@@ -28,7 +28,7 @@ class ServeConfig:
 
     model: str = field(default="", metadata={"help": "exported HF model directory (URI)"})
     model_name: str = field(default="medvl", metadata={"help": "id clients pass as `model`"})
-    backend: Literal["medvl", "vllm"] = field(default="medvl", metadata={"help": "medvl (CPU/GPU, ours) or vllm (GPU, ray.serve.llm)"})
+    backend: Literal["medvl", "vllm"] = field(default="medvl", metadata={"help": "the engine behind the front: medvl (ours) or vllm"})
     max_body_bytes: int = field(default=20_000_000, metadata={"help": "largest request body"})
     body_timeout_s: float = field(default=30.0, metadata={"help": "time a client has to send its whole body (408 after)"})
     max_image_bytes: int = field(default=10_000_000, metadata={"help": "largest decoded image payload"})
@@ -40,6 +40,8 @@ class ServeConfig:
     api_keys_env: str = field(default="MEDVL_API_KEYS", metadata={"help": "env var with comma-separated API keys"})
     api_key_file: str = field(default="", metadata={"help": "file with one API key per line"})
     allowed_image_hosts: list[str] = field(default_factory=list, metadata={"help": "hosts http(s) image URLs may come from"})
+    allow_anonymous: bool = field(default=False, metadata={"help": "serve without API keys on a non-loopback host"})
+    max_requests_per_key: int = field(default=64, metadata={"help": "requests one API key may have in flight per front replica (429 after)"})
 
 
 class APIError(Exception):
@@ -54,6 +56,12 @@ class APIError(Exception):
 
 
 # --- request models (also the /openapi.json schema) -------------------------------------
+MAX_MESSAGES = 256  # turns of one conversation (the prompt's character bound applies too)
+MAX_PARTS = 64  # content parts of one message
+MAX_STOPS = 4  # OpenAI's limit on `stop`
+MAX_STOP_CHARS = 256  # each step checks every prefix of every stop against the text's end
+Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
 class ImageURL(BaseModel):
     url: str
 
@@ -66,7 +74,7 @@ class ContentPart(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer "system"
-    content: str | list[ContentPart] | None = None  # None: an assistant turn that called a tool
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None  # None: an assistant turn that called a tool
 
 
 class StreamOptions(BaseModel):
@@ -75,12 +83,12 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     model: str
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer max_tokens
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)  # what every engine's generator takes
     stream: StrictBool = False  # "yes" is not a boolean
     stream_options: StreamOptions | None = None
@@ -159,25 +167,25 @@ def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
     if req.model != cfg.model_name:
         raise APIError(404, f"model {req.model!r} does not exist; this server has {cfg.model_name!r}",
                        code="model_not_found")
+    texts = [_text(msg) for msg in req.messages]
+    chars = sum(map(len, texts))  # system messages too: refused before tokenising megabytes
+    if chars > CHARS_PER_TOKEN_BOUND * cfg.max_prompt_tokens:
+        raise APIError(400, f"prompt is {chars} characters, more than {cfg.max_prompt_tokens} tokens can hold",
+                       code="context_length_exceeded", param="messages")
     image: bytes | None = None
     image_name = "upload"
     turns: list[tuple[str, str | None]] = []
     question: list[str] = []
-    for msg in req.messages:
+    for msg, text in zip(req.messages, texts, strict=True):
+        for part in msg.content if isinstance(msg.content, list) else ():
+            if part.type == "text":
+                continue
+            if msg.role != "user" or part.image_url is None or image is not None:
+                raise APIError(400, "exactly one image_url part, in a user message, is supported")
+            image, image_name = image_bytes(part.image_url.url, cfg)
         if msg.role in ("system", "developer"):
             continue  # the template carries the system prompt the model was trained with
-        content = msg.content if msg.content is not None else ""
-        parts = [ContentPart(type="text", text=content)] if isinstance(content, str) else content
-        text = ""
-        for part in parts:
-            if part.type == "text":
-                text += part.text or ""
-            elif msg.role != "user" or part.image_url is None or image is not None:
-                raise APIError(400, "exactly one image_url part, in a user message, is supported")
-            else:
-                image, image_name = image_bytes(part.image_url.url, cfg)
-        # A literal "<image>" typed by a user must not become image tokens.
-        text = text.replace(IMAGE, "")
+        text = strip_image_tags(text)
         if msg.role == "user":
             question.append(text)
         elif question:
@@ -185,10 +193,6 @@ def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
             question = []
     if not question:
         raise APIError(400, "the last message must come from the user")
-    chars = sum(len(q) + len(a or "") for q, a in turns) + sum(len(q) for q in question)
-    if chars > CHARS_PER_TOKEN_BOUND * cfg.max_prompt_tokens:  # refused before tokenising megabytes
-        raise APIError(400, f"prompt is {chars} characters, more than {cfg.max_prompt_tokens} tokens can hold",
-                       code="context_length_exceeded", param="messages")
     turns.append(("\n".join(question), None))
     if image is not None:  # training puts <image> at the start of the first human turn
         turns[0] = (f"{IMAGE}\n{turns[0][0]}", turns[0][1])
@@ -196,6 +200,28 @@ def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
     return Request(turns=turns, image=image, image_name=image_name, max_tokens=min(req.token_limit or cfg.max_tokens_cap,
                                                             cfg.max_tokens_cap),
                    temperature=req.temperature, top_p=req.top_p, stop=stop, seed=req.seed)
+
+
+def _text(msg: Message) -> str:
+    """A message's text parts, joined."""
+    if isinstance(msg.content, list):
+        return "".join(part.text or "" for part in msg.content if part.type == "text")
+    return msg.content or ""
+
+
+def strip_image_tags(text: str) -> str:
+    """``text`` with every ``<image>`` removed to a fixed point, so a literal one typed by a
+    user never becomes image tokens: one pass of ``replace`` turns ``<im<image>age>`` into
+    ``<image>``. One linear scan: a tag completed by the character just kept is dropped at
+    once, so no tag can survive (a pass per nesting level would be quadratic)."""
+    if IMAGE not in text:
+        return text
+    out: list[str] = []
+    for ch in text:
+        out.append(ch)
+        if ch == IMAGE[-1] and "".join(out[-len(IMAGE):]) == IMAGE:
+            del out[-len(IMAGE):]
+    return "".join(out)
 
 
 # --- responses ---------------------------------------------------------------------------

@@ -15,7 +15,6 @@
 import asyncio
 import dataclasses
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -24,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,8 +38,12 @@ from medvl.serving.api import (
     to_engine_request,
 )
 from medvl.serving.engine import Chunk, Engine, Prepared, Preparer
+from medvl.serving.guard import KeySlots, check_exposure, key_of, load_api_keys, logger, request_id
 
-api = FastAPI(title="medvl", description="OpenAI-compatible multimodal chat for medical images")
+# No /docs or /redoc pages (they load scripts from a CDN into an operator's browser); the
+# spec stays at /openapi.json.
+api = FastAPI(title="medvl", description="OpenAI-compatible multimodal chat for medical images",
+              docs_url=None, redoc_url=None)
 
 
 def _openapi() -> dict:
@@ -64,16 +68,40 @@ def _openapi() -> dict:
 api.openapi = _openapi
 
 
+def _error_body(e: APIError) -> dict:
+    """OpenAI's error object plus the request id, which finds the request in the server log."""
+    body = e.body()
+    body["error"]["request_id"] = request_id()
+    return body
+
+
 @api.exception_handler(APIError)
 async def _api_error(_: Request, e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(_error_body(e), status_code=e.status, headers=getattr(e, "headers", None))
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
     """Unknown routes and methods answer in OpenAI's error shape too."""
     kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-    return JSONResponse(APIError(e.status_code, str(e.detail), code=kind).body(), status_code=e.status_code)
+    return JSONResponse(_error_body(APIError(e.status_code, str(e.detail), code=kind)), status_code=e.status_code)
+
+
+def _server_error(what: str, detail: str | Exception) -> APIError:
+    """A 500 whose text is ours alone: exception text (remote tracebacks name node IPs and
+    paths) goes to the server log under the request id, never to the client."""
+    logger.error("request %s: %s: %s", request_id(), what, detail,
+                 exc_info=detail if isinstance(detail, Exception) else None)
+    return APIError(500, f"{what}; the server log has the details under this request id",
+                    "server_error", "generation_failed")
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+    logger.exception("request %s failed", request_id(), exc_info=e)
+    return JSONResponse(_error_body(APIError(500, "internal error; the server log has the details under "
+                                                  "this request id", "server_error", "internal_error")),
+                        status_code=500)
 
 
 @api.exception_handler(RequestValidationError)
@@ -81,15 +109,7 @@ async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
     first = e.errors()[0] if e.errors() else {}
     where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
     msg = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid")
-    return JSONResponse(APIError(400, msg, code="invalid_request", param=where or None).body(), status_code=400)
-
-
-def load_api_keys(cfg: ServeConfig) -> set[str]:
-    keys = {k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()}
-    if cfg.api_key_file:
-        with open(cfg.api_key_file, encoding="utf-8") as f:
-            keys |= {line.strip() for line in f if line.strip()}
-    return keys
+    return JSONResponse(_error_body(APIError(400, msg, code="invalid_request", param=where or None)), status_code=400)
 
 
 # A model replica gone mid-request (crashed, killed, its node lost): the caller may retry.
@@ -159,13 +179,19 @@ class ChatDeployment:
         self.preparer = Preparer(cfg.model)  # tokenizer + template: no weights on the front
         self.model, self.streams = model, model.options(stream=True)
         self.keys = load_api_keys(cfg)
+        # `serve run/deploy` of a config: the host is Serve's, known here for certain.
+        check_exposure(cfg, _get_global_client().http_config.host, self.keys)
+        self.slots = KeySlots(cfg.max_requests_per_key)
 
-    def _check(self, request: Request) -> None:
-        """The API key, from the headers alone: nothing is read for a caller without one."""
-        if self.keys:
-            auth = request.headers.get("authorization", "")
-            if not auth.startswith("Bearer ") or auth[len("Bearer "):] not in self.keys:
-                raise APIError(401, "missing or invalid API key", "authentication_error", "invalid_api_key")
+    def _check(self, request: Request) -> bytes | None:
+        """The caller's API key (None when the server has none), from the headers alone:
+        nothing is read for a caller without one."""
+        if not self.keys:
+            return None
+        if (key := key_of(request.headers.get("authorization", ""), self.keys)) is None:
+            raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                           "authentication_error", "invalid_api_key")
+        return key
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused as soon as it (or its Content-Length) passes the size limit, and
@@ -217,7 +243,22 @@ class ChatDeployment:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        self._check(request)
+        """Admission: the key, then one of the key's slots, held until the answer (or its
+        stream) ends."""
+        key = self._check(request)
+        release = self.slots.take(key) if key is not None else lambda: None
+        try:
+            response = await self._answer(request)
+        except BaseException:
+            release()
+            raise
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _then(response.body_iterator, release)
+        else:
+            release()
+        return response
+
+    async def _answer(self, request: Request):
         raw = await self._read_body(request)
         try:
             body = ChatCompletionRequest.model_validate_json(raw)
@@ -234,10 +275,9 @@ class ChatDeployment:
         except REPLICA_LOST as e:
             raise _replica_lost(e) from e
         except Exception as e:  # noqa: BLE001 - the whole batch failed: an OpenAI-shaped 500, not a bare one
-            raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error",
-                           "generation_failed") from e
+            raise _server_error("generation failed", e) from e
         if chunk.error is not None:
-            raise APIError(500, chunk.error, "server_error", "generation_failed")
+            raise _server_error("generation failed for this request", chunk.error)
         return completion_body(chunk.result, self.cfg.model_name)
 
     def _prepare(self, body: ChatCompletionRequest) -> Prepared:
@@ -270,13 +310,22 @@ class ChatDeployment:
                         body = chunk_body(cid, model, None, None, chunk.result)
                         yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
         except REPLICA_LOST as e:
-            yield f"data: {json.dumps(_replica_lost(e).body(), ensure_ascii=False)}\n\n"
+            yield f"data: {json.dumps(_error_body(_replica_lost(e)), ensure_ascii=False)}\n\n"
         except Exception as e:  # noqa: BLE001 - the stream ends with an error event, never cut
-            err = APIError(500, f"generation failed: {e}", "server_error", "generation_failed").body()
+            err = _error_body(_server_error("generation failed", e))
             yield f"data: {json.dumps(err, ensure_ascii=False)}\n\n"
         finally:
             chunks.cancel()  # a closed stream cancels its request in the model replica
         yield "data: [DONE]\n\n"
+
+
+async def _then(chunks: AsyncIterator[str], release) -> AsyncIterator[str]:
+    """``chunks``, then ``release()``, however the stream ends (a client gone included)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        release()
 
 
 def _absolute(cfg: ServeConfig) -> ServeConfig:
@@ -294,23 +343,26 @@ def build_app(args: dict) -> serve.Application:
 
 
 def application(cfg: ServeConfig, options: dict | None = None, front: dict | None = None) -> serve.Application:
-    """Our two deployments or, with ``backend: vllm``, ray.serve.llm's. ``options``
-    (``placement.deployment_options``) place and scale the model replicas, ``front``
-    (``placement.front_options``) the HTTP front; default: the decorators' one CPU replica each."""
+    """The HTTP front over the engine ``backend`` names: our ``MedVLModel`` or vLLM's (same
+    deployment name, same calls). ``options`` (``placement.deployment_options``) place and
+    scale the model replicas, ``front`` (``placement.front_options``) the HTTP front;
+    default: the decorators' one CPU replica each."""
     cfg = _absolute(cfg)
     if cfg.backend == "vllm":
-        from medvl.serving.vllm import build_vllm_app
-
-        return build_vllm_app(cfg, options)
-    model = ModelDeployment.options(**(options or {})).bind(cfg)
+        from medvl.serving.vllm import VLLMDeployment as engine
+    else:
+        engine = ModelDeployment
+    model = engine.options(**(options or {})).bind(cfg)
     return ChatDeployment.options(**(front or {})).bind(cfg, model)
 
 
 def run_local(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
               options: dict | None = None, front: dict | None = None) -> None:
-    """Start (or join) a local Ray, then serve ``cfg`` at ``http://host:port/v1``."""
+    """Start (or join) a local Ray, then serve ``cfg`` at ``http://host:port/v1``; refused
+    before anything starts if that would be an endpoint without keys beyond loopback."""
     import ray
 
+    check_exposure(cfg, host, load_api_keys(cfg))
     if not ray.is_initialized():
         ray.init()
     serve.start(http_options={"host": host, "port": port})
