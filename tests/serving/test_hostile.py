@@ -1,0 +1,72 @@
+"""Hostile requests found by a review (issue 31, part 4): each is refused, or made harmless,
+before it can reach the model or hold the front's event loop."""
+
+import pytest
+from pydantic import ValidationError
+
+from medvl.data.templates import IMAGE
+from medvl.serving.api import (
+    MAX_MESSAGES,
+    APIError,
+    ChatCompletionRequest,
+    ServeConfig,
+    strip_image_tags,
+    to_engine_request,
+)
+
+CFG = ServeConfig()
+
+
+def _request(*messages: dict, **kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "medvl", "messages": list(messages), **kw})
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+@pytest.mark.parametrize("text", ["<im<image>age>", "a<i<im<image>age>mage>b", "<image><image>", "<<image>image>>"])
+def test_no_image_tag_survives_in_any_turn(text):
+    """One pass of ``replace`` left ``<im<image>age>`` as ``<image>``: image tokens without
+    an image (and a batch beside image requests could fail whole)."""
+    req = to_engine_request(_request(_user(text), {"role": "assistant", "content": text}, _user(text)), CFG)
+    assert req.image is None
+    assert not any(IMAGE in q or IMAGE in (a or "") for q, a in req.turns)
+
+
+def test_stripping_is_a_fixed_point_in_one_linear_pass():
+    nested = "<im" * 5000 + "<image>" + "age>" * 5000
+    assert strip_image_tags(nested) == "" and strip_image_tags("x<im" + "<image>" + "age>y") == "xy"
+    assert strip_image_tags("no tags: <imag e> <IMAGE>") == "no tags: <imag e> <IMAGE>"
+
+
+@pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], "x" * 200_000, ["ok", "y" * 300]])
+def test_stop_is_capped_in_count_and_length(stop):
+    """OpenAI allows 4 stops; the engine checks every prefix of every stop against the
+    text each step (one 200k-character stop: 0.48 s per step on the replica's thread)."""
+    with pytest.raises(ValidationError):
+        _request(_user("hi"), stop=stop)
+    assert _request(_user("hi"), stop=["a", "b", "c", "d" * 256]).stop[-1] == "d" * 256
+
+
+def test_messages_are_capped_in_number():
+    with pytest.raises(ValidationError):
+        _request(*[_user("hi")] * (MAX_MESSAGES + 1))
+    with pytest.raises(ValidationError):
+        _request({"role": "user", "content": [{"type": "text", "text": "a"}] * 10_000})
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+def test_system_messages_count_toward_the_prompt_bound(role):
+    """System messages skipped the character check: megabytes of them went through."""
+    big = "x" * (32 * CFG.max_prompt_tokens + 1)
+    with pytest.raises(APIError) as e:
+        to_engine_request(_request({"role": role, "content": big}, _user("hi")), CFG)
+    assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+
+
+def test_an_image_in_a_system_message_is_refused_not_dropped():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(APIError) as e:
+        to_engine_request(_request({"role": "system", "content": [image]}, _user("hi")), CFG)
+    assert e.value.status == 400
