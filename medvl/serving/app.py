@@ -37,7 +37,7 @@ from medvl.serving.api import (
     completion_body,
     to_engine_request,
 )
-from medvl.serving.engine import Chunk, Engine, Prepared, Preparer
+from medvl.serving.engine import CONCURRENT_BATCHES, Chunk, Engine, Prepared, Preparer
 from medvl.serving.guard import KeySlots, check_exposure, key_of, load_api_keys, logger, request_id
 
 # No /docs or /redoc pages (they load scripts from a CDN into an operator's browser); the
@@ -161,7 +161,7 @@ class ModelDeployment:
 
     # Up to 4 batches decode at once, their steps interleaved (each in a thread): a request
     # arriving while a batch runs starts within a step instead of after the whole batch.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=CONCURRENT_BATCHES)
     async def _generate(self, batch: list[Prepared]) -> AsyncIterator[list[Chunk | type]]:
         """One decoding loop for the whole batch; a finished request gets StopIteration. Each
         step runs in a thread, so the event loop streams the previous step's tokens while

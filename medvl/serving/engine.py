@@ -25,6 +25,7 @@ from medvl.tokenizer import load as load_tokenizer
 
 META_FILE = "medvl.json"  # template and image settings written beside an exported model
 MIN_TEMPERATURE = 1e-4  # sampling below this is greedy decoding
+CONCURRENT_BATCHES = 4  # batches of max_batch_size decoding at once on one model replica
 
 
 @dataclass
@@ -101,6 +102,10 @@ class Preparer:
         self.template = templates.get(meta["template"])
         self.spec = ImageSpec(size=meta["image_size"], aspect=meta["aspect"])
         self.num_image_tokens = config.image_seq_length
+        self.image_token_id = config.image_token_index
+        end = self.template.answer_end  # the token that closes an answer, besides EOS
+        self.stop_ids = {self.tok.eos_token_id} | (
+            set(self.tok(end, add_special_tokens=False).input_ids[-1:]) if end else set())
 
     def prepare(self, req: Request, max_pixels: int = 50_000_000) -> Prepared:
         """Prompt ids (built by the training code path) and uint8 pixels; ``ImageError`` if bad."""
@@ -120,9 +125,7 @@ class Engine:
         self.preparer = Preparer(model_uri)
         self.prepare = self.preparer.prepare
         self.tok = self.preparer.tok
-        end = self.preparer.template.answer_end  # the token that closes an answer: found once
-        self.stop_ids = {self.tok.eos_token_id} | (
-            set(self.tok(end, add_special_tokens=False).input_ids[-1:]) if end else set())
+        self.stop_ids = self.preparer.stop_ids
         self._lock = threading.Lock()
         self.decoding = 0  # rows decoding now, over all concurrent batches
 

@@ -20,38 +20,18 @@ def test_serve_config_file_validates():
     assert cfg.backend == "medvl" and cfg.max_batch_size >= 1
 
 
-def test_vllm_backend_is_built_or_refused_clearly():
-    """With ray[llm] installed the vLLM app is built; without it, a clear error (never both)."""
-    import importlib.util
-
-    import pytest
-    from ray import serve
-
+def test_vllm_backend_keeps_our_front_and_every_setting():
+    """``backend: vllm`` puts vLLM behind our HTTP front, which gets every field (keys, limits,
+    SSRF allow-list); before, ray.serve.llm's own app served it and these were refused. The
+    app builds without vLLM here: only the model replicas import it."""
     from medvl.serving.app import build_app
+    from medvl.serving.vllm import VLLMDeployment
 
-    args = {"model": "/models/x", "backend": "vllm"}
-    try:
-        has_llm = importlib.util.find_spec("ray.serve.llm") is not None
-        if has_llm:
-            import ray.serve.llm  # noqa: F401  (present but unusable without vLLM counts as absent)
-    except ImportError:
-        has_llm = False
-    if has_llm:
-        assert isinstance(build_app(args), serve.Application)
-    else:
-        with pytest.raises(ImportError, match=r"ray\[llm\]"):
-            build_app(args)
-
-
-def test_vllm_backend_refuses_settings_it_would_drop(monkeypatch):
-    """API keys and our limits are not passed to ray.serve.llm: a clear refusal at start-up,
-    not a server that silently lets everyone in."""
-    import pytest
-
-    from medvl.serving.app import build_app
-
-    with pytest.raises(ValueError, match=r"cannot honour max_body_bytes, api_key_file"):
-        build_app({"model": "/models/x", "backend": "vllm", "api_key_file": "/keys.txt", "max_body_bytes": 1000})
-    monkeypatch.setenv("MEDVL_API_KEYS", "sk-1")
-    with pytest.raises(ValueError, match=r"\$MEDVL_API_KEYS"):
-        build_app({"model": "/models/x", "backend": "vllm"})
+    args = {"model": "/models/x", "backend": "vllm", "api_key_file": "/keys.txt", "max_body_bytes": 1000,
+            "allowed_image_hosts": ["pacs.example"], "max_requests_per_key": 3}
+    front = build_app(args)._bound_deployment
+    cfg, model = front.init_args
+    assert front.name == "MedVLChat"
+    assert model._bound_deployment.name == "MedVLModel"
+    assert model._bound_deployment.func_or_class is VLLMDeployment.func_or_class
+    assert {k: getattr(cfg, k) for k in args} == {**args, "model": "/models/x"}
