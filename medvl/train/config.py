@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,6 +30,9 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = field(default=2, metadata={"help": "DeepSpeed ZeRO stage"})
     bf16: bool = field(default=False, metadata={"help": "bf16 (GPU); fp32 is faster on CPU"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations"})
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = field(
+        default="sdpa", metadata={"help": "attention kernel (flash_attention_2: GPU + bf16, flash-attn installed)",
+                                  "result": False})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: end only)"})
     max_shard_mb: int = field(default=5000, metadata={"help": "largest safetensors shard of the exported model"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in storage", "result": False})
@@ -40,6 +44,17 @@ class TrainConfig:
     mm_projector_lr: float = field(default=0.0, metadata={"help": "projector lr if different (0: lr)"})
     group_by_length: bool = field(default=True, metadata={"help": "batch samples of similar length"})
     log_every: int = field(default=10, metadata={"help": "steps between progress lines", "result": False})
+
+    def __post_init__(self) -> None:
+        """flash_attention_2 stops here, in one line, where it could only fail in the workers."""
+        if self.attn_implementation != "flash_attention_2":
+            return
+        if not (self.use_gpu and self.bf16):
+            raise ValueError("attn_implementation: flash_attention_2 runs on GPU in bf16 only "
+                             "(set use_gpu and bf16, or use sdpa)")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attn_implementation: flash_attention_2 needs the flash-attn package "
+                             "(pip install flash-attn --no-build-isolation), or use sdpa")
 
     @property
     def global_batch(self) -> int:

@@ -32,6 +32,8 @@ def build_model(cfg: TrainConfig):
                                       loading=partitioned_loading(deepspeed_config(cfg)))
     else:  # random init, small: built whole, DeepSpeed partitions it at initialize
         model = build_tiny(tok, TinyPreset(), seed=cfg.seed).to(dtype)
+    # Every path, towers included (loaded separately, each with its own config).
+    model.set_attn_implementation(cfg.attn_implementation)
     return prepare_for_training(model, cfg.gradient_checkpointing), tok
 
 
