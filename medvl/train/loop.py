@@ -27,6 +27,7 @@ from medvl.train.collectives import all_reduce_sum, host_group
 from medvl.train.config import TrainConfig
 from medvl.train.export import export_hf
 from medvl.train.feed import FeedCollate, FeedPlan, rank_feed
+from medvl.train.loss import causal_lm_loss
 from medvl.train.memory import PhasePeaks, release_free_memory
 from medvl.train.optim import lr_lambda, trainable_groups
 from medvl.train.tracking import Tracker
@@ -107,7 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
             batch = model_inputs(batch, engine.device)
             tokens += batch["attention_mask"].sum().item()
             padded += batch["attention_mask"].numel()
-            loss = engine(**batch).loss
+            loss = causal_lm_loss(engine, batch)  # the head only where labelled, in chunks
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
