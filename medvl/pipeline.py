@@ -26,8 +26,14 @@ from medvl import config, storage
 from medvl.console import init_ray
 from medvl.data.preprocess import PreprocessConfig
 from medvl.eval.evaluate import EvalConfig
-from medvl.placement import Placement, check_accelerator, deployment_options, front_options
-from medvl.preflight import check_inputs
+from medvl.placement import (
+    Placement,
+    check_accelerator,
+    check_serve_backend,
+    deployment_options,
+    front_options,
+)
+from medvl.preflight import check_inputs, check_shared_storage
 from medvl.rerun import conflict, differences, plain, save_config
 from medvl.serving.api import ServeConfig
 from medvl.summary import write_summary
@@ -186,6 +192,10 @@ def run_pipeline(path: str, output: str | None = None, only: str | None = None, 
     chosen = select([s.name for s in steps], only, start, until)
     check_recipe_inputs(recipe)
     init_ray()
+    if "deploy" in chosen:  # a backend missing on the serve nodes fails now, not after training
+        check_serve_backend(recipe.serve.backend, recipe.deploy.num_cpus, recipe.deploy.num_gpus,
+                            recipe.placement)
+    check_shared_storage(recipe.run, "run")  # every step on every node writes under it
     markers = {s.name: m for s in steps if (m := read_marker(s.artifact))}
     status: dict[str, dict] = {}
     for step in steps:

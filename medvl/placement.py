@@ -114,3 +114,49 @@ def _autoscaler_may_add(key: str) -> bool:
     report = json.loads(_internal_kv_get("__autoscaling_status") or "{}").get("autoscaler_report") or {}
     types = {**(report.get("active_nodes") or {}), **(report.get("idle_nodes") or {})}
     return any(not t.startswith("node_") for t in types)
+
+
+# Modules a serving backend needs beyond medvl's own dependencies (which training needs too).
+BACKEND_MODULES = {"vllm": ("vllm", "ray.serve.llm")}
+# A GPU serve node may have to be started by the autoscaler first (instance + image pull).
+BACKEND_CHECK_TIMEOUT_S = 1800
+
+
+def _import_errors(modules: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """On a node: this node's IP and, per module that does not import, its error (one line)."""
+    import importlib
+
+    import ray
+
+    errors = {}
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any import failure makes the deploy fail too
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return ray.util.get_node_ip_address(), errors
+
+
+def check_serve_backend(backend: str, num_cpus: float, num_gpus: float, p: Placement) -> None:
+    """Before training: the serving backend imports on a node of the serve placement (where
+    the deploy step's replicas will run), so a missing vLLM ends the run now, not after hours
+    of training. Runs one Ray task with the replicas' own placement options."""
+    modules = BACKEND_MODULES.get(backend, ())
+    if not modules:
+        return
+    import ray
+
+    if num_gpus:
+        check_accelerator(p.serve_accelerator)
+    ref = ray.remote(_import_errors).options(**actor_options(num_cpus, num_gpus, p)).remote(modules)
+    try:
+        node, errors = ray.get(ref, timeout=BACKEND_CHECK_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError as e:
+        ray.cancel(ref, force=True)
+        raise ValueError(f"deploy: no serve node took the backend check within {BACKEND_CHECK_TIMEOUT_S} s "
+                         f"(placement.serve_accelerator {p.serve_accelerator!r})") from e
+    if errors:
+        name, why = next(iter(errors.items()))
+        raise ValueError(f"deploy: backend: {backend} needs {', '.join(modules)} on the serve nodes, but "
+                         f"{name} does not import on {node} ({why}); install medvl[{backend}] with "
+                         f"-c constraints-gpu.txt there (cluster/Dockerfile), or serve with backend: medvl")
