@@ -18,10 +18,11 @@ from medvl.train.config import TrainConfig
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
-    # Large buckets = few collective calls; overlapping reduction with backward needs CUDA
-    # streams (on CPU it only adds bookkeeping).
+    """The recipe's DeepSpeed config; ``initialize`` adds the buckets sized by the model
+    (``zero_buckets``). Overlapping reduction with backward needs CUDA streams (on CPU it
+    only adds bookkeeping)."""
     zero: dict = {"stage": cfg.zero_stage, "overlap_comm": cfg.use_gpu, "contiguous_gradients": True,
-                  "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
+                  "allgather_bucket_size": 5e8}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
@@ -36,6 +37,19 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def zero_buckets(model_config, stage: int) -> dict:
+    """The sizes LLaVA's zero2.json / zero3.json leave "auto", as HF's Trainer fills them from
+    the LLM's hidden size h (``trainer_config_finalize``): gradients reduced in buckets of h²
+    elements (not fixed 5e8-element buffers, 2 GB each in fp32, for a 31.5M-parameter
+    projector); under ZeRO-3, 0.9·h² elements prefetched and parameters under 10·h elements
+    (norms, biases) kept whole on every rank instead of gathered at each use."""
+    h = getattr(model_config, "text_config", model_config).hidden_size
+    sizes = {"reduce_bucket_size": h * h}
+    if stage == 3:
+        sizes |= {"stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h}
+    return sizes
 
 
 @contextlib.contextmanager
@@ -88,8 +102,12 @@ def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
     Under ZeRO-3 every transformer block is a "leaf": its parameters are gathered once per
     block instead of once per linear layer, which cuts ZeRO-3's per-module hooks and
     collectives about eightfold (measured: 10% off the CPU step, see benchmarks/train.py).
+    Bucket sizes ``ds_config`` leaves out come from the model (``zero_buckets``).
     """
     import deepspeed
+
+    zero = ds_config["zero_optimization"]
+    ds_config = {**ds_config, "zero_optimization": {**zero_buckets(model.config, zero["stage"]), **zero}}
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
