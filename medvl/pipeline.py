@@ -33,7 +33,7 @@ from medvl.placement import (
     deployment_options,
     front_options,
 )
-from medvl.preflight import check_inputs
+from medvl.preflight import check_inputs, check_shared_storage
 from medvl.rerun import conflict, differences, plain, save_config
 from medvl.serving.api import ServeConfig
 from medvl.summary import write_summary
@@ -195,6 +195,7 @@ def run_pipeline(path: str, output: str | None = None, only: str | None = None, 
     if "deploy" in chosen:  # a backend missing on the serve nodes fails now, not after training
         check_serve_backend(recipe.serve.backend, recipe.deploy.num_cpus, recipe.deploy.num_gpus,
                             recipe.placement)
+    check_shared_storage(recipe.run, "run")  # every step on every node writes under it
     markers = {s.name: m for s in steps if (m := read_marker(s.artifact))}
     status: dict[str, dict] = {}
     for step in steps:

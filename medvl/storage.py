@@ -65,6 +65,26 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+# Filesystems one mount of which every node can share (``fuse.*`` ones by name: a local
+# fuse-overlayfs is a fuse filesystem too).
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "lustre", "ceph", "glusterfs", "gpfs", "beegfs",
+                       "fuse.s3fs", "fuse.mountpoint-s3", "fuse.gcsfuse", "fuse.juicefs", "fuse.goofys",
+                       "fuse.rclone", "fuse.glusterfs", "fuse.ceph-fuse", "fuse.sshfs"}
+
+
+def mount_type(path: str, mounts: str = "/proc/self/mounts") -> str:
+    """The filesystem type of the mount holding local ``path`` (its longest mount point prefix)."""
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    with open(mounts) as f:
+        for line in f:
+            _, point, fstype, *_ = line.split()
+            point = point.replace("\\040", " ")
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                best, kind = point, fstype
+    return kind
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:

@@ -3,9 +3,13 @@
 ``start`` turns the real cluster YAML into a fake-provider config (node types, labels and
 limits kept; resources filled in as AWS fills them from the instance type) and starts its head
 with ``ray start --head`` in a new process session, every port explicit and its own temp dir;
-``stop`` ends that session's processes and nothing else (never a cluster-wide stop). Run as a script,
-this module is the driver: it places work with the pipeline's own placement functions and the
-qilin-13b recipe, and prints where each request landed as JSON.
+``stop`` ends that session's processes and nothing else (never a cluster-wide stop).
+``start_static`` starts a fixed cluster instead (a head that takes no work and one ``ray start``
+node per entry, each in a session of its own); a node given a ``private`` directory runs in a
+mount namespace of its own with an empty tmpfs over that directory, so it cannot see what the
+other nodes write there (a node without the driver's disk). Run as a script, this module is the
+driver: it places work with the pipeline's own placement functions and the qilin-13b recipe,
+and prints where each request landed as JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -67,26 +71,65 @@ class FakeCluster:
     config: dict
     session: int  # process group of everything `ray start` and the autoscaler launched
     temp_dir: str
-
-    def alive(self) -> bool:
-        try:
-            os.killpg(self.session, 0)
-        except ProcessLookupError:
-            return False
-        return True
+    nodes: list[tuple[int, str]] = field(default_factory=list)  # (session, temp dir) per added node
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL what is left (raylet and GCS outlive a lone SIGTERM), of this
-        session only; then its temp dir."""
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            if not self.alive():
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.session, sig)
-            deadline = time.time() + wait
-            while self.alive() and time.time() < deadline:
-                time.sleep(0.2)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        """SIGTERM, then SIGKILL what is left (raylet and GCS outlive a lone SIGTERM), of these
+        sessions only, the added nodes first; then their temp dirs."""
+        for session, temp in [*reversed(self.nodes), (self.session, self.temp_dir)]:
+            _end_session(session)
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _alive(session: int) -> bool:
+    try:
+        os.killpg(session, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _end_session(session: int) -> None:
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        if not _alive(session):
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(session, sig)
+        deadline = time.time() + wait
+        while _alive(session) and time.time() < deadline:
+            time.sleep(0.2)
+
+
+def _node_args(temp: str) -> list[str]:
+    """Flags every fake node needs: its own temp dir and every port it opens, explicit."""
+    from tests.conftest import free_port
+
+    return ["--node-ip-address=127.0.0.1", f"--temp-dir={temp}", f"--object-store-memory={OBJECT_STORE}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
+def _ray_start(args: list[str], env: dict, prefix: tuple[str, ...] = ()) -> tuple[int, str]:
+    """``ray start ARGS`` in a new process session with a short temp dir of its own (Ray's
+    socket paths must fit in 107 bytes): (session, temp dir). Raises with its output if it fails."""
+    temp = tempfile.mkdtemp(prefix="medvl-fc-")
+    cmd = [*prefix, str(Path(sys.executable).with_name("ray")), "start", *_node_args(temp), *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, "RAY_AUTH_MODE": "disabled", **env}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=120)
+    if proc.returncode:
+        _end_session(proc.pid)
+        shutil.rmtree(temp, ignore_errors=True)
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
+    return proc.pid, temp
+
+
+def _head_args(port: int) -> list[str]:
+    from tests.conftest import free_port
+
+    return ["--head", f"--port={port}", "--include-dashboard=false", f"--dashboard-port={free_port()}",
+            f"--ray-client-server-port={free_port()}"]
 
 
 def start(tmp: Path, aws_yaml: Path = ROOT / "cluster" / "aws.yaml") -> FakeCluster:
@@ -97,29 +140,33 @@ def start(tmp: Path, aws_yaml: Path = ROOT / "cluster" / "aws.yaml") -> FakeClus
 
     port = free_port()
     cfg = fake_config(aws_yaml, port)
-    temp = tempfile.mkdtemp(prefix="medvl-fc-")  # short: Ray's socket paths must fit in 107 bytes
     (tmp / "cluster.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1",
+    env = {"RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1",
            "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
-           "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_METRIC_PORT": str(free_port()),
-           "RAY_AUTH_MODE": "disabled"}
+           "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_METRIC_PORT": str(free_port())}
     head = cfg["available_node_types"][HEAD_TYPE]["resources"]
-    ray_cli = Path(sys.executable).with_name("ray")
-    cmd = [str(ray_cli), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-           f"--temp-dir={temp}", f"--autoscaling-config={tmp / 'cluster.yaml'}",
-           f"--num-cpus={head.get('CPU', 0)}", f"--num-gpus={head.get('GPU', 0)}",
-           f"--object-store-memory={OBJECT_STORE}", "--include-dashboard=false",
-           f"--dashboard-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-           f"--ray-client-server-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-           f"--metrics-export-port={free_port()}"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    cluster = FakeCluster(f"127.0.0.1:{port}", cfg, proc.pid, temp)
-    out, _ = proc.communicate(timeout=120)
-    if proc.returncode:
+    session, temp = _ray_start([*_head_args(port), f"--autoscaling-config={tmp / 'cluster.yaml'}",
+                                f"--num-cpus={head.get('CPU', 0)}", f"--num-gpus={head.get('GPU', 0)}"], env)
+    return FakeCluster(f"127.0.0.1:{port}", cfg, session, temp)
+
+
+def start_static(cpus: list[float], private: dict[int, str] | None = None) -> FakeCluster:
+    """A head with no CPUs (it takes no work, as on AWS) and one node per entry of ``cpus``;
+    node ``i`` in ``private`` sees an empty tmpfs over ``private[i]`` (an existing directory)."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    session, temp = _ray_start([*_head_args(port), "--num-cpus=0"], {})
+    cluster = FakeCluster(f"127.0.0.1:{port}", {}, session, temp)
+    try:
+        for i, n in enumerate(cpus):
+            hidden = (private or {}).get(i)
+            prefix = ("unshare", "--mount", "sh", "-c", 'mount -t tmpfs medvl-private "$0" && exec "$@"',
+                      hidden) if hidden else ()
+            cluster.nodes.append(_ray_start([f"--address={cluster.address}", f"--num-cpus={n}"], {}, prefix))
+    except BaseException:
         cluster.stop()
-        raise RuntimeError(f"ray start --head failed:\n{out[-3000:]}")
+        raise
     return cluster
 
 

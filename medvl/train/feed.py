@@ -9,10 +9,11 @@ groups) and nothing else: bytes read per rank do not grow with the number of ran
 
 Inside its range a rank works in windows of ``WINDOW_STEPS`` steps: a window's rows are
 shuffled, sorted by length (LLaVA's length grouping, which keeps padding low) and cut
-into steps whose order is shuffled again. Each window is one Ray Data read task that
-emits its rows in plan order with their position (``order``), so the loop can check that
-it trains on exactly the row the plan says; a resume starts reading at the window of its
-step. Everything is a function of (seed, rank, window): a resumed run sees the same
+into steps whose order is shuffled again. Each window is one Ray Data read task, run on
+the rank's own node, that emits its rows in plan order with their position (``order``), so
+the loop can check that it trains on exactly the row the plan says, and the node it ran on
+(``read_node``, recorded in ``feed/rankN.json``); a resume starts reading at the window of
+its step. Everything is a function of (seed, rank, window): a resumed run sees the same
 batches as an uninterrupted one.
 """
 
@@ -33,7 +34,6 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import BlockMetadata
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import Datasource, ReadTask
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from medvl import storage
 from medvl.train.batching import collate
@@ -42,6 +42,8 @@ WINDOW_STEPS = 32  # steps per length-grouping window (HF's megabatch is 50 batc
 FEED_COLUMNS = ["input_ids", "labels", "pixels", "length"]
 READ_AHEAD = 2  # windows read at once per rank: ~750 rows/s each on one core, a GPU takes ~60
 LOOP_PAUSE_S = 0.05  # Ray Data's scheduling loop rests this long per step (see PacedLoop)
+NODE_ID_BYTES = 28  # a Ray node id (56 hex digits)
+NODE_LABEL = "ray.io/node-id"  # the label Ray gives every node: its id
 
 
 @dataclass(frozen=True)
@@ -167,11 +169,12 @@ def read_row_groups(uri: str, local: np.ndarray, columns: list[str]) -> tuple[pa
 
 
 def read_window(plan: FeedPlan, rank: int, window: int, rows: np.ndarray, first: int,
-                skip: int, stop: int) -> Iterator[pa.Table]:
+                skip: int, stop: int, node: bytes = b"") -> Iterator[pa.Table]:
     """One window's rows in plan order, one table per step, from ``skip`` (what a resume
     has trained already) to ``stop`` (the run's last step). ``order`` is each row's
-    position in the rank's stream; ``read_bytes`` (on the first row) what this task read
-    from storage. Pixels are copied once: one ``take`` from the row groups read."""
+    position in the rank's stream; ``read_bytes`` and ``read_node`` (on the first row) what
+    this task read from storage and ``node``, the node it runs on. Pixels are copied once: one
+    ``take`` from the row groups read."""
     tables, index, read, offset = [], [], 0, 0
     for shard, local in locate(plan, rows):
         table, at, n = read_row_groups(plan.shards[shard], local, FEED_COLUMNS)
@@ -184,9 +187,13 @@ def read_window(plan: FeedPlan, rank: int, window: int, rows: np.ndarray, first:
     index = index[plan.window_order(rank, window, groups["length"].to_numpy()[index])]
     table = groups.take(index).append_column("order", pa.array(np.arange(first, first + len(rows)), pa.int64()))
     counter = np.zeros(len(rows), np.int64)
-    counter[skip] = read  # the first step this task yields carries its bytes
+    counter[skip] = read  # the first step this task yields carries its bytes and its node
+    nodes = np.full(len(rows), b"", object)
+    nodes[skip] = node
     for start in range(skip, stop, plan.share):
-        yield table.slice(start, plan.share).append_column("read_bytes", pa.array(counter[start:start + plan.share]))
+        part = slice(start, start + plan.share)
+        yield (table.slice(start, plan.share).append_column("read_bytes", pa.array(counter[part]))
+               .append_column("read_node", pa.array(nodes[part], pa.binary())))
 
 
 class FeedSource(Datasource):
@@ -216,9 +223,14 @@ class FeedSource(Datasource):
             skip, stop = max(0, skip_to - first), min(len(rows), end - first)
             meta = BlockMetadata(num_rows=stop - skip, size_bytes=None, input_files=None, exec_stats=None)
             tasks.append(ReadTask(
-                lambda w=window, r=rows, f=first, a=skip, b=stop: read_window(plan, rank, w, r, f, a, b),
+                lambda w=window, r=rows, f=first, a=skip, b=stop: read_window(plan, rank, w, r, f, a, b, this_node()),
                 meta, per_task_row_limit=per_task_row_limit))
         return tasks
+
+
+def this_node() -> bytes:
+    """The id of the node this Ray task runs on."""
+    return bytes.fromhex(ray.get_runtime_context().get_node_id())
 
 
 class PacedLoop(ExecutionCallback):
@@ -241,19 +253,23 @@ def rank_feed(plan: FeedPlan, rank: int, start: int) -> ray.data.Dataset:
         ctx.custom_execution_callback_classes.append(PacedLoop)
     ctx.enable_progress_bars = False  # one bar per rank would bury the loop's own progress lines
     source = FeedSource(plan, rank, start)
-    # Reads run on this worker's node (Ray Data spreads them otherwise: every row would
-    # cross the network twice, storage -> other node -> here).
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # Reads run on this worker's node, and only there: left to the context's default (SPREAD)
+    # they land on any node, and every row crosses the network twice (storage -> that node ->
+    # here). A task option, so a named one: other keywords of read_datasource go to the
+    # datasource (as `scheduling_strategy=` did, silently, before).
+    here = {NODE_LABEL: ray.get_runtime_context().get_node_id()}
     # One block per window: left alone, Ray splits a few big read tasks into 1-row blocks
     # (200 of them per task), and the feed ran at 110 rows/s instead of 800. At most
     # READ_AHEAD windows in flight per rank (~350 MB each at 1024 x 336 px): every rank runs
     # its own executor, and each would otherwise size itself to the whole node.
     return ray.data.read_datasource(source, override_num_blocks=len(source.windows()),
-                                    concurrency=READ_AHEAD, scheduling_strategy=here)
+                                    concurrency=READ_AHEAD, label_selector=here)
 
 
 class FeedCollate(NumpyBatchCollateFn):
-    """Rows -> tensors in Ray Data's prefetch threads; ``order`` and ``read_bytes`` ride along."""
+    """Rows -> tensors in Ray Data's prefetch threads; ``order``, ``read_bytes`` and
+    ``read_node`` (one row of node id bytes per read task starting here) ride along: a
+    batch of tensors only, so Ray still moves it to the device."""
 
     def __init__(self, pad_id: int, image_size: int):
         self.pad_id, self.image_size = pad_id, image_size
@@ -262,4 +278,18 @@ class FeedCollate(NumpyBatchCollateFn):
         batch = collate(rows, self.pad_id, self.image_size)
         batch["order"] = torch.tensor(rows["order"])
         batch["read_bytes"] = torch.tensor(int(rows["read_bytes"].sum()))
+        batch["read_node"] = self.read_nodes(rows)
         return batch
+
+    @staticmethod
+    def read_nodes(rows: dict[str, np.ndarray]) -> torch.Tensor:
+        """The node ids the rows carry (empty on all but a task's first), one uint8 row each."""
+        return torch.tensor(np.frombuffer(b"".join(rows["read_node"]), np.uint8).reshape(-1, NODE_ID_BYTES))
+
+
+def record_read(feed: dict, batch: dict) -> None:
+    """Move what the read tasks noted in ``batch`` into the rank's feed record: the bytes
+    they read and the nodes they ran on."""
+    feed["read_bytes"] += batch.pop("read_bytes").item()
+    nodes = {bytes(n).hex() for n in batch.pop("read_node").tolist()}
+    feed["read_nodes"] = sorted(nodes.union(feed["read_nodes"]))

@@ -26,7 +26,7 @@ from medvl.train.batching import model_inputs
 from medvl.train.collectives import all_reduce_sum, host_group
 from medvl.train.config import TrainConfig
 from medvl.train.export import export_hf
-from medvl.train.feed import FeedCollate, FeedPlan, rank_feed
+from medvl.train.feed import FeedCollate, FeedPlan, rank_feed, record_read
 from medvl.train.loss import causal_lm_loss
 from medvl.train.memory import PhasePeaks, release_free_memory
 from medvl.train.optim import lr_lambda, trainable_groups
@@ -89,7 +89,8 @@ def train_loop_per_worker(config: dict) -> None:
     # Starts at the data position: nothing trained is read again.
     micro = iter(rank_feed(plan, rank, start).iter_torch_batches(
         batch_size=cfg.batch_size, prefetch_batches=2, collate_fn=collate) if start < steps else ())
-    feed = {"start_step": start, "rows": (steps - start) * plan.share, "read_bytes": 0}
+    feed = {"start_step": start, "rows": (steps - start) * plan.share, "read_bytes": 0, "read_nodes": [],
+            "node": ray.get_runtime_context().get_node_id()}  # read_nodes: where its read tasks ran
     pending: list[dict] = []  # this rank's metrics since the last sync
     for step in range(start, steps):
         t0 = time.perf_counter()
@@ -104,7 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
             order = batch.pop("order")
             if order[0].item() != expect:  # the plan is the data position: never drift
                 raise RuntimeError(f"rank {rank}: batch starts at plan row {order[0].item()}, expected {expect}")
-            feed["read_bytes"] += batch.pop("read_bytes").item()
+            record_read(feed, batch)
             batch = model_inputs(batch, engine.device)
             tokens += batch["attention_mask"].sum().item()
             padded += batch["attention_mask"].numel()

@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 from medvl import config, storage
 from medvl.console import MetricsFollower, init_ray
 from medvl.placement import Placement, check_accelerator, train_scaling
-from medvl.preflight import check_inputs
+from medvl.preflight import check_inputs, check_shared_storage
 from medvl.rerun import conflict, differences, plain, save_config, saved_config
 from medvl.train.config import TrainConfig
 from medvl.train.feed import FeedPlan
@@ -58,19 +58,17 @@ def train(cfg: TrainConfig, placement: Placement | None = None, resume: bool = F
                   "vision_tower": cfg.vision_tower, "llm": cfg.llm}, outputs=(cfg.output,))
     cfg = claim_output(cfg, resume, overwrite)
     init_ray()
+    check_shared_storage(cfg.output)  # every node writes there: one storage, or stop now
     placement = placement or Placement()
     if cfg.use_gpu:
         check_accelerator(placement.train_accelerator)
     manifest = read_manifest(cfg.data)
     plan = feed_plan(cfg, manifest)
     fs, path = storage.resolve(cfg.output)
-    pre = manifest["config"]
-    hf = storage.join(cfg.output, "hf")
-    meta = {"template": pre["template"], "aspect": pre["aspect"], "image_size": pre["image_size"]}
+    loop = loop_config(cfg, plan, manifest)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan), "hf": hf,
-                           "meta": meta},
+        train_loop_config=loop,
         scaling_config=train_scaling(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker,
                                      placement),
         run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
@@ -82,7 +80,15 @@ def train(cfg: TrainConfig, placement: Placement | None = None, resume: bool = F
         print(f"[stage {cfg.stage}] resuming from checkpoint at step {start}", flush=True)
     with MetricsFollower(storage.join(cfg.output, "metrics.jsonl"), cfg.stage, plan.steps, start):
         result = trainer.fit()
-    return summarize(result.checkpoint, cfg, hf)
+    return summarize(result.checkpoint, cfg, loop["hf"])
+
+
+def loop_config(cfg: TrainConfig, plan: FeedPlan, manifest: dict) -> dict:
+    """What every worker's ``train_loop_per_worker`` is given: the stage, its batch plan, where
+    to export, and the preprocessing facts the export records."""
+    pre = manifest["config"]
+    return {"train": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan), "hf": storage.join(cfg.output, "hf"),
+            "meta": {"template": pre["template"], "aspect": pre["aspect"], "image_size": pre["image_size"]}}
 
 
 def claim_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> TrainConfig:

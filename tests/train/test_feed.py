@@ -4,9 +4,17 @@ feed itself against the plan on real shards (rows, order, bytes read)."""
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from medvl.train.batching import padding_fraction
-from medvl.train.feed import WINDOW_STEPS, FeedPlan, plan_rows, read_window
+from medvl.train.feed import (
+    WINDOW_STEPS,
+    FeedCollate,
+    FeedPlan,
+    plan_rows,
+    read_window,
+    record_read,
+)
 
 
 def _plan(shard_rows, world=2, share=4, epochs=1, seed=1, group=True, max_steps=0) -> FeedPlan:
@@ -85,10 +93,21 @@ def test_a_window_yields_its_rows_in_plan_order_and_counts_only_their_row_groups
     span = WINDOW_STEPS * 4
     rows = plan.rank_rows(1)[span:2 * span]  # the second window: 72 rows
     end = span + len(rows)
-    steps = list(read_window(plan, 1, 1, rows, first=span, skip=8, stop=len(rows)))  # a resume two steps in
+    node = bytes(range(28))
+    steps = list(read_window(plan, 1, 1, rows, first=span, skip=8, stop=len(rows), node=node))  # resumed at step 2
     table = pa.concat_tables(steps)
+    assert table["read_node"].to_pylist() == [node] + [b""] * (len(rows) - 9)  # once per task
     assert [ids[0] for ids in table["input_ids"].to_pylist()] == want[span + 8:end].tolist()
     assert table["order"].to_pylist() == list(range(span + 8, end))
     read = sum(table["read_bytes"].to_pylist())
     total = sum((tmp_path / f"part-{i}.parquet").stat().st_size for i in range(3))
     assert 0 < read < 0.5 * total  # 72 of 600 rows: their row groups, not the shards
+
+
+def test_the_loop_records_the_bytes_and_nodes_of_the_read_tasks_in_its_batches():
+    feed = {"read_bytes": 5, "read_nodes": ["00" * 28]}
+    rows = {"read_bytes": np.array([7, 0, 3]), "read_node": np.array([bytes(28), b"", bytes([1] * 28)], object)}
+    batch = {"read_bytes": torch.tensor(int(rows["read_bytes"].sum())),
+             "read_node": FeedCollate.read_nodes(rows), "order": torch.arange(3)}
+    record_read(feed, batch)
+    assert feed == {"read_bytes": 15, "read_nodes": ["00" * 28, "01" * 28]} and list(batch) == ["order"]
