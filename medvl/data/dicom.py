@@ -137,6 +137,8 @@ def dicom_to_array(data: bytes, spec: ImageSpec) -> np.ndarray:
         raise
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for broken files
         raise ImageError("corrupt_image", f"not a readable DICOM image: {type(e).__name__}: {e}") from e
+    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES" and not spec.allow_burned_in:
+        raise ImageError("burned_in_annotation", "BurnedInAnnotation is YES: its pixels carry patient text")
     check_size(cols, rows, spec)
     try:
         arr = pixel_array(ds, index=0 if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None)

@@ -20,6 +20,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = tuple(int(m * 255) for m in CLIP_MEAN)
 
 RESAMPLE = Image.Resampling.BICUBIC  # CLIPImageProcessor's filter
+# The formats the guide documents (DICOM goes through dicom.py). Pillow would otherwise try
+# every format it knows: EPS runs Ghostscript where installed, and PSD, FITS, JPEG 2000 or a
+# 200k-frame GIF are parsers and costs no corpus of ours needs.
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 
 
 def is_dicom(data: bytes, name: str = "") -> bool:
@@ -31,10 +35,9 @@ def decode(data: bytes, name: str, spec: ImageSpec) -> Image.Image:
     if is_dicom(data, name):
         return Image.fromarray(dicom_to_array(data, spec))
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=FORMATS)  # at its first frame, which is all we
+        # decode: ``n_frames`` would walk every frame of a multi-page TIFF
         check_size(*img.size, spec)
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)
         # Greyscale stays one channel (4x less resampling work); the full decode runs
         # here, so truncated files fail here. An image already in its mode is not copied
         # (a 50-megapixel RGB upload would otherwise hold 2 x 150 MB).
@@ -46,7 +49,7 @@ def decode(data: bytes, name: str, spec: ImageSpec) -> Image.Image:
     except Image.DecompressionBombError as e:  # over Pillow's own limit before its size is read
         raise ImageError("image_too_large", str(e)) from e
     except UnidentifiedImageError as e:  # its message is the repr of our in-memory buffer
-        raise ImageError("corrupt_image", "not a PNG, JPEG or DICOM image") from e
+        raise ImageError("corrupt_image", "not a PNG, JPEG, BMP, TIFF or DICOM image") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from e
     return img

@@ -26,6 +26,7 @@ class ImageSpec:
     size: int = 336
     aspect: str = "pad"  # "pad" (expand to square, Qilin-Med-VL) or "crop" (resize + centre crop)
     max_pixels: int = 50_000_000  # pixel-bomb guard, checked before pixels are decoded
+    allow_burned_in: bool = False  # DICOM with BurnedInAnnotation YES: patient text in the pixels
 
 
 def check_size(w: int, h: int, spec: ImageSpec) -> None:

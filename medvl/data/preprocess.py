@@ -47,6 +47,12 @@ class PreprocessConfig:
     aspect: Literal["pad", "crop"] = field(default="pad", metadata={"help": "pad: expand to square with CLIP mean; crop: centre crop"})
     overflow: Literal["reject", "truncate"] = field(default="reject", metadata={"help": "over-long samples: reject, or truncate as LLaVA does (kept if >=1 answer token survives; counted as records_truncated)"})
     max_pixels: int = field(default=50_000_000, metadata={"help": "pixel-bomb guard: larger images are rejected"})
+    allow_burned_in_annotation: bool = field(default=False, metadata={
+        "help": "keep DICOM images whose BurnedInAnnotation is YES (patient text in the pixels); "
+                "default: reject them as burned_in_annotation"})
+    rejects_quote_records: bool = field(default=False, metadata={
+        "help": "debugging: each rejects.jsonl detail quotes its record's first 120 characters "
+                "(copies patient text out of the corpus)"})
     shard_records: int = field(default=1024, metadata={"help": "records per Parquet shard (upper bound)"})
     task_memory_mb: int = field(default=1500, metadata={
         "help": "host memory one preprocess task declares to Ray (benchmarks/scale.py measures the peak)"})
@@ -97,7 +103,8 @@ def prepare(line_no: int, text: str, cfg: PreprocessConfig) -> Prepared | dict[s
         enc.input_ids, enc.labels, note = _fit_length(enc.input_ids, enc.labels, image_token_id(tok), cfg)
         return Prepared(rec_id, line_no, rec.image, records.image_uri(cfg.image_root, rec.image), enc, note)
     except records.Reject as r:
-        return _row(rec_id, line_no, reason=r.reason, detail=r.detail)
+        quote = f" (record: {text[:120]!r})" if cfg.rejects_quote_records else ""
+        return _row(rec_id, line_no, reason=r.reason, detail=r.detail + quote)
 
 
 def fetch(uri: str) -> bytes | OSError:
@@ -106,6 +113,8 @@ def fetch(uri: str) -> bytes | OSError:
         return storage.read_bytes(uri)
     except OSError as e:  # FileNotFoundError included
         return e
+    except ValueError as e:  # pyarrow's ArrowInvalid: a path it cannot take (a NUL in it)
+        return OSError(f"unreadable path: {e}")
 
 
 def finish(p: Prepared | dict[str, Any], data: bytes | OSError | None, cfg: PreprocessConfig) -> dict[str, Any]:
@@ -115,7 +124,8 @@ def finish(p: Prepared | dict[str, Any], data: bytes | OSError | None, cfg: Prep
     if isinstance(data, OSError):
         return _row(p.id, p.line, reason="missing_image", detail=f"{p.image}: {data}")
     try:
-        pixels = images.load_image(data, p.image, images.ImageSpec(cfg.image_size, cfg.aspect, cfg.max_pixels))
+        spec = images.ImageSpec(cfg.image_size, cfg.aspect, cfg.max_pixels, cfg.allow_burned_in_annotation)
+        pixels = images.load_image(data, p.image, spec)
     except images.ImageError as e:
         return _row(p.id, p.line, reason=e.reason, detail=f"{p.image}: {e.detail}")
     t = p.tokens

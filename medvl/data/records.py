@@ -3,8 +3,9 @@
 Reasons (also documented in docs/guide.md): ``bad_json`` (not a JSON object), ``bad_record``
 (JSON, but not a LLaVA record: no usable ``id``, ``conversations`` not a list of
 human/gpt turns, an unanswered last question, a non-string ``image``), ``missing_image``,
-``corrupt_image``, ``image_too_large``, ``no_image_token``, ``no_answer``, ``too_long``,
-``path_outside_root``.
+``corrupt_image``, ``image_too_large``, ``burned_in_annotation`` (a DICOM whose pixels carry
+patient text), ``no_image_token``, ``no_answer``, ``too_long``, ``path_outside_root``. A detail
+never quotes the record: rejects.jsonl would copy patient text out of the corpus.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ REASONS = (
     "missing_image",
     "corrupt_image",
     "image_too_large",
+    "burned_in_annotation",
     "no_image_token",
     "no_answer",
     "too_long",
@@ -48,7 +50,10 @@ def parse(text: str) -> dict:
     try:
         rec = json.loads(text)
     except json.JSONDecodeError as e:
-        raise Reject("bad_json", f"{e.msg} at char {e.pos}: {text[:120]!r}") from e
+        raise Reject("bad_json", f"{e.msg} at char {e.pos}") from e
+    except (ValueError, RecursionError) as e:  # 100,000 "[" nest past Python's recursion limit;
+        # an integer of 5,000 digits passes int()'s limit
+        raise Reject("bad_json", f"{type(e).__name__}: {str(e)[:100]}") from e
     if not isinstance(rec, dict):
         raise Reject("bad_json", f"record is a {type(rec).__name__}, not an object")
     return rec
@@ -66,7 +71,7 @@ def validate(rec: dict) -> Record:
     """Check structure and pair up turns; raise ``Reject`` on the first problem found."""
     rid = record_id(rec)
     if rid is None:
-        raise Reject("bad_record", f"'id' must be a non-empty string or integer, got {rec.get('id')!r}")
+        raise Reject("bad_record", f"'id' must be a non-empty string or integer, got {type(rec.get('id')).__name__}")
     convs = rec.get("conversations")
     if not isinstance(convs, list) or not all(
         isinstance(t, dict) and isinstance(t.get("value"), str) and t.get("from") in ("human", "gpt")

@@ -80,7 +80,7 @@ class ShardSink(Datasink):
     def on_write_complete(self, write_result: WriteResult) -> None:
         results = write_result.write_returns
         rejects = sorted((r for res in results for r in res["rejects"]), key=lambda r: r["line"])
-        lines = [json.dumps({k: r[k] for k in ("id", "reason", "detail")}, ensure_ascii=False)
+        lines = [json.dumps({k: r[k] for k in ("id", "line", "reason", "detail")}, ensure_ascii=False)
                  for r in rejects]
         storage.write_text(storage.join(self.output, "rejects.jsonl"), "".join(x + "\n" for x in lines))
         kept = sum(res["kept"] for res in results)

@@ -1,12 +1,16 @@
 """Hostile inputs to the image decoders and the preprocessing records (issue 31, part 4):
 each is refused with a reason, in bounded memory, and never ends a run."""
 
+import io
 import json
+import struct
+import time
 import tracemalloc
 import zlib
 
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
@@ -15,6 +19,7 @@ from medvl.data.images import ImageError, ImageSpec, load_image
 from medvl.data.preprocess import PreprocessConfig, process_one
 
 MB = 1 << 20
+SPEC = ImageSpec(size=32)
 
 
 def _explicit_le() -> DicomBytesIO:
@@ -68,7 +73,7 @@ def peak_mb(fn, *args):
     return result, peak
 
 
-def refused(data: bytes, spec: ImageSpec = ImageSpec(size=32)) -> tuple[ImageError, float]:
+def refused(data: bytes, spec: ImageSpec = SPEC) -> tuple[ImageError, float]:
     def decode():
         with pytest.raises(ImageError) as e:
             load_image(data, "x.dcm", spec)
@@ -127,3 +132,89 @@ def test_preprocessing_rejects_the_bomb_in_bounded_memory(demo_dir, tmp_path):
     row, peak = peak_mb(process_one, 3, _record("bomb.dcm"), _cfg(demo_dir, tmp_path))
     assert (row["id"], row["reason"]) == ("r1", "corrupt_image") and "need 512" in row["detail"]
     assert peak < 16
+
+
+def tiff_pages(n: int) -> bytes:
+    """A TIFF of ``n`` 1x1 pages (102 bytes each), written by hand: Pillow's own writer
+    takes minutes for thousands of pages."""
+    entries = [(256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8),
+               (278, 3, 1), (279, 4, 1)]  # 1x1, 8-bit grey, uncompressed, its pixel at byte 8
+    out = bytearray(b"II*\x00" + struct.pack("<I", 12) + b"\x80\x00\x00\x00")
+    for i in range(n):
+        nxt = 0 if i == n - 1 else len(out) + 2 + 12 * len(entries) + 4
+        out += struct.pack("<H", len(entries))
+        for tag, kind, value in entries:
+            out += struct.pack("<HHI", tag, kind, 1)
+            out += struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        out += struct.pack("<I", nxt)
+    return bytes(out)
+
+
+def test_only_the_first_page_of_a_tiff_is_read():
+    """``n_frames`` walked every page, quadratically in Pillow: 5,000 pages (510 KB) took
+    seconds, 30,000 (3 MB, inside the body limit) 90 s."""
+    data = tiff_pages(5000)
+    load_image(tiff_pages(2), "warm.tif", ImageSpec(size=32))  # Pillow's first open imports plugins
+    start = time.perf_counter()
+    pixels = load_image(data, "x.tif", ImageSpec(size=32))
+    assert time.perf_counter() - start < 0.5
+    assert pixels.shape == (32, 32, 3) and pixels[16, 16, 0] == 128
+
+
+def _saved(fmt: str, frames: int = 1) -> bytes:
+    img = Image.new("RGB", (8, 8), (200, 10, 10))
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"save_all": True, "append_images": [img] * (frames - 1)} if frames > 1 else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PPM", "ICO", "TGA", "PCX"])
+def test_formats_we_do_not_document_are_refused(fmt):
+    """Only PNG, JPEG, BMP, TIFF (and DICOM): Pillow opened every format it knows."""
+    with pytest.raises(ImageError) as e:
+        load_image(_saved(fmt, frames=3 if fmt == "GIF" else 1), f"x.{fmt.lower()}", ImageSpec(size=32))
+    assert e.value.reason == "corrupt_image" and "not a PNG, JPEG, BMP, TIFF or DICOM" in e.value.detail
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF"])
+def test_documented_formats_still_decode(fmt):
+    assert load_image(_saved(fmt), f"x.{fmt.lower()}", ImageSpec(size=32)).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"id": ' + "1" * 5000 + "}"])
+def test_records_that_break_the_json_parser_are_rejects(demo_dir, tmp_path, text):
+    """100,000 ``[`` raised RecursionError (a 5,000-digit number ValueError), ending the run."""
+    row = process_one(4, text, _cfg(demo_dir, tmp_path))
+    assert (row["id"], row["reason"]) == ("line-4", "bad_json") and row["detail"]
+
+
+def test_an_image_path_with_a_nul_is_a_reject(demo_dir, tmp_path):
+    """pyarrow raised ArrowInvalid for it, ending the run."""
+    row = process_one(5, _record("scan\x00.png"), _cfg(demo_dir, tmp_path))
+    assert (row["id"], row["reason"]) == ("r1", "missing_image") and "NUL" in row["detail"]
+
+
+def test_burned_in_annotation_is_rejected_unless_allowed(demo_dir, tmp_path):
+    """Patient text burned into the pixels must not reach a training shard by default."""
+    (tmp_path / "burned.dcm").write_bytes(deflated_dicom(512, BurnedInAnnotation="YES"))
+    row = process_one(2, _record("burned.dcm"), _cfg(demo_dir, tmp_path))
+    assert (row["reason"], row["detail"]) == ("burned_in_annotation", "burned.dcm: BurnedInAnnotation is "
+                                                                       "YES: its pixels carry patient text")
+    kept = process_one(2, _record("burned.dcm"), _cfg(demo_dir, tmp_path, allow_burned_in_annotation=True))
+    assert kept["reason"] == "" and len(kept["pixels"]) == 32 * 32 * 3
+    (tmp_path / "clean.dcm").write_bytes(deflated_dicom(512, BurnedInAnnotation="NO"))
+    assert process_one(2, _record("clean.dcm"), _cfg(demo_dir, tmp_path))["reason"] == ""
+
+
+SECRET = "张三 1970-01-01 MRN 0012345"
+
+
+@pytest.mark.parametrize("text", [
+    '{"id": "p1", "patient": "' + SECRET + '", "image": ',  # bad_json: quoted its first 120 characters
+    json.dumps({"id": {"name": SECRET}, "image": "x.png"}, ensure_ascii=False),  # bad_record: quoted the id
+])
+def test_a_reject_does_not_quote_its_record_unless_asked(demo_dir, tmp_path, text):
+    row = process_one(6, text, _cfg(demo_dir, tmp_path))
+    assert row["reason"] in ("bad_json", "bad_record") and row["detail"] and SECRET not in row["detail"]
+    debug = process_one(6, text, _cfg(demo_dir, tmp_path, rejects_quote_records=True))
+    assert SECRET in debug["detail"]

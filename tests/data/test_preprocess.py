@@ -10,6 +10,7 @@ from medvl import storage
 from medvl.data.preprocess import PreprocessConfig, preprocess, process_one
 from medvl.data.records import REASONS
 from medvl.data.tokenize import IGNORE
+from tests.data.test_hostile import deflated_dicom
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -66,12 +67,14 @@ def test_every_reject_reason_is_accounted(demo_dir, tmp_path):
     shutil.copytree(demo_dir / "images", images)
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (images / "huge.png").write_bytes((demo_dir / "images" / "RG1_UNCR.dcm").read_bytes())
+    (images / "burned.dcm").write_bytes(deflated_dicom(512, BurnedInAnnotation="YES"))
     extra = {"corrupt2": (_good(0, image="broken.png"), "corrupt_image"),
-             "huge": (_good(0, image="huge.png"), "image_too_large")}
+             "huge": (_good(0, image="huge.png"), "image_too_large"),
+             "burned": (_good(0, image="burned.dcm"), "burned_in_annotation")}
     for rid, (rec, reason) in extra.items():
         lines.insert(-1, json.dumps({**rec, "id": rid}, ensure_ascii=False))
         expected[rid] = reason
-    expected["line-14"] = expected.pop("line-12")
+    expected["line-15"] = expected.pop("line-12")
     no_id = _good(0)
     del no_id["id"]
     lines.append(json.dumps(no_id, ensure_ascii=False))  # crashed the whole run before
@@ -82,6 +85,7 @@ def test_every_reject_reason_is_accounted(demo_dir, tmp_path):
     m = preprocess(cfg)
     rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert {r["id"]: r["reason"] for r in rejects} == expected
+    assert all(lines[r["line"] - 1].startswith(f'{{"id": "{r["id"]}"') for r in rejects if "line-" not in r["id"])
     assert set(expected.values()) == set(REASONS)
     assert all(r["detail"] for r in rejects)
     assert m["records_in"] == len(lines) == m["records_kept"] + m["records_rejected"]
