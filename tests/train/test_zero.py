@@ -87,6 +87,7 @@ def test_buckets_are_what_transformers_fills_for_llava(stage, bpe_tokenizer, tmp
 
 def _engine_buckets(stage: int, tokenizer: str, tmp: str, out) -> None:
     """A 1-rank gloo DeepSpeed engine made by ``initialize``: the bucket sizes it runs with."""
+    torch.set_num_threads(1)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg{stage}", rank=0, world_size=1)
     cfg = TrainConfig(stage=2, tokenizer=tokenizer, zero_stage=stage, batch_size=1, num_workers=1)
