@@ -1,6 +1,8 @@
 """cluster/aws.yaml passes Ray's own autoscaler validation; the KubeRay manifests are complete."""
 
 import copy
+import fnmatch
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,126 @@ def test_kuberay_rayservice():
     assert app.import_path == "medvl.serving.app:build_app"
     assert config.from_dict(ServeConfig, app.args).model.startswith("s3://")
     _check_cluster_spec(doc["spec"]["rayClusterConfig"])
+
+
+def _aws() -> dict:
+    return yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+
+
+def _load(name: str):
+    """A script of cluster/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, CLUSTER / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_aws_every_node_runs_ray_with_token_auth_and_a_loopback_dashboard():
+    """Container-wide env (head and workers alike), the token file mounted where it points,
+    no dashboard on 0.0.0.0 (tests/test_cluster_auth.py starts this head and submits jobs)."""
+    raw = _aws()
+    docker = raw["docker"]
+    env = dict(o.split(None, 1)[1].split("=", 1) for o in docker["run_options"] if o.startswith("--env "))
+    assert env.get("RAY_AUTH_MODE") == "token"
+    assert env["RAY_AUTH_TOKEN_PATH"] in raw["file_mounts"]
+    assert not docker.get("head_run_options") and not docker.get("worker_run_options")
+    starts = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and not any("0.0.0.0" in c for c in starts)
+    assert "--dashboard-host=127.0.0.1" in starts[0]
+
+
+def _rsync_excluded(path: str, patterns: list[str]) -> bool:
+    """rsync's --exclude for patterns without an inner '/': a pattern matches any path
+    component's name, one ending in '/' only directories (every component here but the last)."""
+    parts = path.split("/")
+    for i, name in enumerate(parts):
+        is_dir = i < len(parts) - 1
+        for pattern in patterns:
+            assert "/" not in pattern.rstrip("/"), pattern
+            if fnmatch.fnmatchcase(name, pattern.rstrip("/")) and (is_dir or not pattern.endswith("/")):
+                return True
+    return False
+
+
+SECRETS = ["runs/demo/data/alignment/shards/part-0.parquet", ".venv/bin/python", ".venv-vllm/bin/python",
+           ".git/config", "deploy.pem", "cluster/ssh.key", "id_rsa", "id_ed25519.pub", "demo-data/images/a.dcm"]
+KEPT = ["medvl/pipeline.py", "cluster/aws.yaml", "constraints-gpu.txt", "workflows/configs/qilin-13b.yaml"]
+
+
+def test_launcher_file_mounts_leave_out_runs_venvs_keys_and_git():
+    raw = _aws()
+    assert "." in raw["file_mounts"].values()  # the repository is what is copied...
+    excluded = raw["rsync_exclude"]
+    assert [p for p in SECRETS if not _rsync_excluded(p, excluded)] == []  # ...without these
+    assert [p for p in KEPT if _rsync_excluded(p, excluded)] == []
+    assert not any(_rsync_excluded(Path(local).name, excluded) for local in raw["file_mounts"].values())
+
+
+def test_dockerfile_runs_as_non_root_and_dockerignore_keeps_secrets_out(tmp_path):
+    # docker-py's implementation of .dockerignore (installed as moto's dependency)
+    from docker.utils.build import exclude_paths
+
+    users = [line.split()[1] for line in (CLUSTER / "Dockerfile").read_text().splitlines()
+             if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0") and not users[-1].startswith(("root:", "0:"))
+    for path in SECRETS + KEPT:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x")
+    patterns = [p for p in (CLUSTER.parent / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    context = exclude_paths(str(tmp_path), patterns)
+    assert sorted(p for p in SECRETS if p in context) == []
+    assert sorted(KEPT) == sorted(p for p in KEPT if p in context)
+
+
+def test_gpu_installs_carry_vllm_with_the_gpu_constraints():
+    """Where Serve runs (the image, the AWS nodes) and in the README: `[vllm]` with
+    constraints-gpu.txt, the set tests/test_install.py resolves (constraints.txt cannot)."""
+    installs = [line for line in (CLUSTER / "Dockerfile").read_text().splitlines() if "pip install" in line]
+    installs += [c for c in _aws()["setup_commands"] if "pip install" in c]
+    readme = (CLUSTER.parent / "README.md").read_text()
+    installs += [line for line in readme.split("## GPU quick start")[1].splitlines() if "pip install" in line]
+    assert len(installs) == 3
+    for line in installs:
+        assert "-c" in line.split() and "constraints-gpu.txt" in line and "[vllm]" in line, line
+
+
+def test_training_is_one_node_unless_efa_is_configured():
+    """Two p4de nodes without EFA would run ZeRO-3 over TCP: a second gpu_train node only with
+    EFA interfaces and a cluster placement group."""
+    train = _aws()["available_node_types"]["gpu_train"]
+    node = train["node_config"]
+    efa = any(i.get("InterfaceType") == "efa" for i in node.get("NetworkInterfaces", []))
+    assert train["max_workers"] == 1 or (efa and node.get("Placement", {}).get("GroupName"))
+
+
+def test_security_group_admits_ssh_and_serve_from_the_configured_cidr_only(s3_endpoint):
+    """cluster/security_group.py, then Ray's own security-group step of `ray up`, against a
+    loopback EC2 (moto): the nodes get that group, and it admits nothing from 0.0.0.0/0."""
+    import boto3
+    from ray.autoscaler._private.aws.config import _configure_security_group
+
+    raw = _aws()
+    rules = raw["provider"]["security_group"]["IpPermissions"]
+    cidrs = {r["CidrIp"] for rule in rules for r in rule["IpRanges"]}
+    assert "0.0.0.0/0" not in cidrs and {(r["FromPort"], r["ToPort"]) for r in rules} == {(22, 22), (8000, 8000)}
+    group = _load("security_group").ensure_group(raw)
+    ec2 = boto3.client("ec2", region_name=raw["provider"]["region"])
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    subnet = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"][0]["SubnetId"]
+    config = copy.deepcopy(raw)
+    for t in config["available_node_types"].values():
+        t["node_config"]["SubnetIds"] = [subnet]  # what `ray up`'s subnet step fills in
+    _configure_security_group(config)
+    assert {t["node_config"]["SecurityGroupIds"][0] for t in config["available_node_types"].values()} == {group}
+    (sg,) = ec2.describe_security_groups(GroupIds=[group])["SecurityGroups"]
+    open_to = {(p.get("FromPort"), r["CidrIp"]) for p in sg["IpPermissions"] for r in p.get("IpRanges", [])}
+    assert open_to == {(port, cidr) for port in (22, 8000) for cidr in cidrs}
+    assert [p["UserIdGroupPairs"][0]["GroupId"] for p in sg["IpPermissions"] if p["IpProtocol"] == "-1"] == [group]
+
+
+def test_kuberay_token_auth():
+    for name, key in (("rayjob.yaml", "rayClusterSpec"), ("rayservice.yaml", "rayClusterConfig")):
+        spec = yaml.safe_load((CLUSTER / "kuberay" / name).read_text())["spec"][key]
+        assert spec["authOptions"] == {"mode": "token"}, name
+        assert tuple(map(int, spec["rayVersion"].split(".")[:2])) >= (2, 52), name
