@@ -122,6 +122,16 @@ def _replica_lost(e: Exception) -> APIError:
                          "retry", "server_error", "model_unavailable")
 
 
+async def _then(chunks: AsyncIterator[str], release) -> AsyncIterator[str]:
+    """``chunks``, then ``release()``, however the stream ends (a client gone included).
+    Defined above the ingress class: ``serve.ingress`` copies the class when it is declared."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        release()
+
+
 @serve.deployment(name="MedVLModel", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class ModelDeployment:
     """The weights and the batched decoding loop; only the HTTP front calls it."""
@@ -317,15 +327,6 @@ class ChatDeployment:
         finally:
             chunks.cancel()  # a closed stream cancels its request in the model replica
         yield "data: [DONE]\n\n"
-
-
-async def _then(chunks: AsyncIterator[str], release) -> AsyncIterator[str]:
-    """``chunks``, then ``release()``, however the stream ends (a client gone included)."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    finally:
-        release()
 
 
 def _absolute(cfg: ServeConfig) -> ServeConfig:
