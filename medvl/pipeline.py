@@ -349,12 +349,13 @@ def probe(url: str, model_name: str, records_uri: str, image_root: str) -> dict:
     (a DICOM file when there is one) with its multiple-choice question."""
     from openai import OpenAI
 
+    from medvl.data.records import image_uri
     from medvl.eval.evaluate import load_eval_records
 
     examples = load_eval_records(records_uri)
     ex = next((e for e in examples if e["image"].lower().endswith(".dcm") and len(e.get("choices") or []) > 2),
               examples[0])
-    data = storage.read_bytes(storage.join(image_root, ex["image"]))
+    data = storage.read_bytes(image_uri(image_root, ex["image"]))  # no ../ out of the root
     mime = MIME.get(os.path.splitext(ex["image"])[1].lower(), "image/png")
     keys = [k for k in os.environ.get("MEDVL_API_KEYS", "").split(",") if k]
     client = OpenAI(base_url=url, api_key=keys[0] if keys else "none", timeout=120, max_retries=5)

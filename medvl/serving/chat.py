@@ -20,6 +20,16 @@ def check_model_dir(uri: str) -> None:
                          "or `model/` directory a training run wrote")
 
 
+def read_image(uri: str) -> bytes:
+    """The image file's bytes, or a one-line ``ValueError`` (missing, a directory, unreadable)."""
+    try:
+        return storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise ValueError(f"{uri}: no such image file") from None
+    except (OSError, ValueError) as e:  # a directory: pyarrow's OSError; a NUL in the path: ArrowInvalid
+        raise ValueError(f"{uri}: cannot read the image: {e}") from None
+
+
 def chat(model: str, question: str, image: str | None = None, max_tokens: int = 128,
          temperature: float = 0.0) -> Iterator[str]:
     """Text deltas of the model's answer to ``question`` about ``image`` (DICOM, PNG or JPEG)."""
@@ -30,13 +40,12 @@ def chat(model: str, question: str, image: str | None = None, max_tokens: int = 
     from medvl.serving.engine import Engine, Request
 
     check_model_dir(model)
-    if image is not None and not storage.exists(image):
-        raise ValueError(f"{image}: no such image file")
+    data = read_image(image) if image is not None else None  # before the model loads: mistakes fail fast
     hf_logging.disable_progress_bar()  # the answer is the output; no loading bar before it
     engine = Engine(model, device="cuda" if torch.cuda.is_available() else "cpu")
     req = Request(turns=[(f"{IMAGE}\n{question}" if image else question, None)], max_tokens=max_tokens,
                   temperature=temperature,
-                  image=storage.read_bytes(image) if image else None,
+                  image=data,
                   image_name=os.path.basename(image) if image else "upload")
     try:
         prepared = engine.prepare(req)

@@ -1,6 +1,8 @@
 """Hostile requests found by a review (issue 31, part 4): each is refused, or made harmless,
 before it can reach the model or hold the front's event loop."""
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -13,6 +15,7 @@ from medvl.serving.api import (
     strip_image_tags,
     to_engine_request,
 )
+from tests.conftest import free_port
 
 CFG = ServeConfig()
 
@@ -70,3 +73,27 @@ def test_an_image_in_a_system_message_is_refused_not_dropped():
     with pytest.raises(APIError) as e:
         to_engine_request(_request({"role": "system", "content": [image]}, _user("hi")), CFG)
     assert e.value.status == 400
+
+
+def test_chat_with_a_directory_for_an_image_is_one_line(taught_model_dir, tmp_path, capsys):
+    """`medvl chat --image DIR` ended in pyarrow's OSError traceback after loading the model."""
+    from medvl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--model", taught_model_dir, "--image", str(tmp_path), "问"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "is a directory" in err, err
+
+
+def test_the_pipeline_probe_keeps_its_image_under_the_root(tmp_path):
+    """The probe joined image_root with the record's path unguarded (``image_uri`` refuses
+    ``..`` everywhere else); refused before any file is read or request sent."""
+    from medvl.data.records import Reject
+    from medvl.pipeline import probe
+
+    rec = {"id": "e1", "image": "../../etc/shadow",
+           "conversations": [{"from": "human", "value": "<image>\n问"}, {"from": "gpt", "value": "答"}]}
+    (tmp_path / "eval.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(Reject) as e:
+        probe(f"http://127.0.0.1:{free_port()}/v1", "medvl", str(tmp_path / "eval.jsonl"), str(tmp_path))
+    assert e.value.reason == "path_outside_root"
