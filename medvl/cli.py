@@ -66,7 +66,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.section is None and args.stage is not None:
         args.section = f"stage{args.stage}"  # recipes hold one section per stage
     cfg = _config_from_args(TrainConfig, args)
+    if args.probe:
+        _probe(cfg, args)
+        return
     print(json.dumps(train(cfg, _placement(args), resume=args.resume, overwrite=args.overwrite), indent=2))
+
+
+def _probe(cfg: Any, args: argparse.Namespace) -> None:
+    """``train --probe``: the per-rank figures, then one line; exit code 2 if it will not fit."""
+    from medvl.train.probe import probe, verdict
+
+    report = probe(cfg, _placement(args), args.probe_capacity_gib)
+    print(json.dumps(report, indent=2))
+    if not report["fits"]:
+        print(f"medvl train --probe: {verdict(report)}", file=sys.stderr)
+        raise SystemExit(2)
+    print(verdict(report))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -160,6 +175,12 @@ def _args_rerun(p: argparse.ArgumentParser) -> None:
 
 def _args_train(p: argparse.ArgumentParser) -> None:
     _args_rerun(p)
+    p.add_argument("--probe", action="store_true",
+                   help="run one worst-case step (batch_size x max_length, an image per row) on the recipe's "
+                        "workers and report peak memory against capacity; exit 2 if it will not fit")
+    p.add_argument("--probe-capacity-gib", type=float, metavar="GIB",
+                   help="with --probe: judge against this many GiB per worker instead of the measured "
+                        "GPU (or host) memory, e.g. to size for a smaller GPU")
 
 
 def _args_pipeline(p: argparse.ArgumentParser) -> None:
