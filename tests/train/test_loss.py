@@ -14,8 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from medvl.data.tokenize import IGNORE
 from medvl.tokenizer import image_token_id
+from medvl.train import loss as loss_module
 from medvl.train.config import TrainConfig
-from medvl.train.loss import CHUNKS, causal_lm_loss
+from medvl.train.loss import CHUNKS, causal_lm_loss, head_cross_entropy
 from medvl.train.model import build_model
 from medvl.train.optim import trainable_groups
 
@@ -162,3 +163,23 @@ def test_zero3_partitioned_head_gives_the_same_loss_and_gradients(demo_dir, tmp_
         assert "lm_head.weight" in want and got.keys() == want.keys()
         for name in want:
             torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or loss_module.LigerFusedLinearCrossEntropyLoss is None,
+                    reason="Liger Kernel's fused linear cross-entropy runs on CUDA only")
+def test_liger_fused_loss_equals_transformers_on_cuda():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 1000, bias=False, device="cuda")
+    hidden = torch.randn(300, 64, device="cuda", requires_grad=True)
+    targets = torch.randint(0, 1000, (300,), device="cuda")
+    assert loss_module._fused_loss(head, hidden) is not None  # the fused path is the one tested
+    results = []
+    for fn in (lambda: head_cross_entropy(head, hidden, targets),
+               lambda: torch.nn.functional.cross_entropy(head(hidden).float(), targets)):
+        head.zero_grad(set_to_none=True)
+        hidden.grad = None
+        loss = fn()
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
