@@ -14,11 +14,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, Field, StrictBool
 
 from medvl.data.templates import IMAGE
+from medvl.serving import remote
 from medvl.serving.engine import Request, Result
 
 
@@ -39,7 +39,12 @@ class ServeConfig:
     batch_wait_timeout_s: float = field(default=0.02, metadata={"help": "dynamic batching: wait to fill a batch"})
     api_keys_env: str = field(default="MEDVL_API_KEYS", metadata={"help": "env var with comma-separated API keys"})
     api_key_file: str = field(default="", metadata={"help": "file with one API key per line"})
-    allowed_image_hosts: list[str] = field(default_factory=list, metadata={"help": "hosts http(s) image URLs may come from"})
+    allowed_image_hosts: list[str] = field(default_factory=list, metadata={
+        "help": "host[:port] pairs http(s) image URLs may come from (no port: the scheme's default)"})
+    allow_private_image_hosts: bool = field(default=False, metadata={
+        "help": "let allowed image hosts resolve to private, loopback or link-local addresses (tests)"})
+    image_fetch_timeout_s: float = field(default=10.0, metadata={
+        "help": "time one remote image may take in all, redirects included"})
     allow_anonymous: bool = field(default=False, metadata={"help": "serve without API keys on a non-loopback host"})
     max_requests_per_key: int = field(default=64, metadata={"help": "requests one API key may have in flight per front replica (429 after)"})
 
@@ -117,11 +122,15 @@ DATA_URI = re.compile(r"^data:(?P<mime>[\w/.+-]+)?(;[\w=.-]+)*;base64,(?P<data>.
 def image_bytes(url: str, cfg: ServeConfig) -> tuple[bytes, str]:
     """A ``data:`` URI's payload and a file name for the decoder (``.dcm`` for
     ``application/dicom``, which needs no preamble); remote URLs only from allow-listed hosts,
-    redirects included (no SSRF)."""
+    redirects included (no SSRF: ``remote.py``)."""
     m = DATA_URI.match(url)
     if m is None:
-        if _allowed(url, cfg):
-            return _fetch(url, cfg), "remote"
+        if remote.target(url, cfg.allowed_image_hosts) is not None:
+            try:
+                return remote.fetch(url, cfg.allowed_image_hosts, cfg.max_image_bytes, cfg.image_fetch_timeout_s,
+                                    cfg.allow_private_image_hosts), "remote"
+            except remote.FetchError as e:  # the client's 4xx, not a 500
+                raise APIError(e.status, e.message, code=e.code, param="messages") from e
         raise APIError(400, "image_url must be a data:...;base64 URI (remote URLs are not allowed)",
                        code="invalid_image_url", param="messages")
     if len(m["data"]) * 3 // 4 > cfg.max_image_bytes:
@@ -131,35 +140,6 @@ def image_bytes(url: str, cfg: ServeConfig) -> tuple[bytes, str]:
     except (binascii.Error, ValueError) as e:
         raise APIError(400, f"image_url is not valid base64: {e}", code="invalid_base64") from e
     return data, "upload.dcm" if (m["mime"] or "").lower() == "application/dicom" else "upload"
-
-
-def _allowed(url: str, cfg: ServeConfig) -> bool:
-    parts = urlparse(url)
-    return parts.scheme in ("http", "https") and (parts.hostname or "") in cfg.allowed_image_hosts
-
-
-def _fetch(url: str, cfg: ServeConfig) -> bytes:
-    """GET an allow-listed image; a redirect must stay on the allow-list; a failed fetch is
-    the client's 400, not a 500."""
-    import urllib.error
-    import urllib.request
-
-    class Guard(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, req, fp, code, msg, headers, newurl):
-            if not _allowed(newurl, cfg):
-                raise APIError(400, f"image_url redirects to {urlparse(newurl).hostname!r}, "
-                                    "which is not an allowed image host", code="invalid_image_url")
-            return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-    limit = cfg.max_image_bytes
-    try:
-        with urllib.request.build_opener(Guard).open(url, timeout=10) as r:  # noqa: S310 - allow-listed
-            data = r.read(limit + 1)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise APIError(400, f"image_url could not be fetched: {e}", code="image_fetch_failed") from e
-    if len(data) > limit:
-        raise APIError(413, f"image larger than {limit} bytes", code="image_too_large")
-    return data
 
 
 def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
