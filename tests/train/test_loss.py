@@ -146,18 +146,27 @@ def _zero3_rank(rank: int, tmp: str, tokenizer: str) -> None:
                  if p.requires_grad}
         out[name] = (loss.detach(), grads)
         engine.step()  # lr 0: the weights stay, the gradients are cleared
+    for extra in (3, 9):  # two more steps, labelling more of row 0: another count of positions
+        batch["labels"][0, -4 - extra:] = batch["input_ids"][0, -4 - extra:]
+        engine.backward(causal_lm_loss(engine, batch))
+        engine.step()
+    # The head runs as often whatever the labels, so the module order ZeRO-3 recorded on the
+    # first of them still held on the second (a changed order resets the trace, and prefetch).
+    out["trace_complete"] = engine.optimizer.parameter_offload.get_param_coordinator().is_complete_trace()
     torch.save(out, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_zero3_partitioned_head_gives_the_same_loss_and_gradients(demo_dir, tmp_path):
-    """lm_head's weight is partitioned: only calling the module lets ZeRO-3 gather it."""
+    """lm_head's weight is partitioned: only calling the module lets ZeRO-3 gather it; and
+    ZeRO-3's recorded module order survives a change in the number of labelled positions."""
     # fork: the ranks share this process's imports (a spawn re-imports transformers and DeepSpeed)
     mp.start_processes(_zero3_rank, args=(str(tmp_path), str(demo_dir / "tokenizer")), nprocs=2,
                        start_method="fork")
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt")
+        assert results["trace_complete"]
         (want_loss, want), (got_loss, got) = results["transformers"], results["chunked"]
         torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
         assert "lm_head.weight" in want and got.keys() == want.keys()
