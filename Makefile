@@ -45,7 +45,8 @@ $(VLLM_VENV)/.installed: requirements-vllm.txt
 	touch $@
 
 # vLLM loads the demo's exported model and must give medvl's greedy answers on held-out images,
-# alone and behind `backend: vllm` (ray.serve.llm) through the official openai client.
+# alone and as the engine behind our front (`backend: vllm`: keys, limits, SSRF guard, DICOM),
+# through the official openai client; the front's refusals must hold with vLLM behind it.
 DEMO ?= runs/demo
 vllm-check: setup vllm
 	test -f $(DEMO)/model/config.json || $(MAKE) demo
@@ -53,7 +54,7 @@ vllm-check: setup vllm
 		--records $(DEMO)/demo-data/instruction_heldout.jsonl --images $(DEMO)/demo-data/images
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python tests/serving/vllm_parity.py vllm \
 		--model $(DEMO)/model --answers $(DEMO)/vllm_answers.json
-	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python tests/serving/vllm_parity.py serve \
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python tests/serving/vllm_parity.py front \
 		--model $(DEMO)/model --answers $(DEMO)/vllm_answers.json
 
 # One GPU, under 8 minutes: the real path (NCCL, ZeRO-2/3, probe, export, eval, Serve) on a

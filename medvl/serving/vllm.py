@@ -85,7 +85,8 @@ class VLLMDeployment:
     async def _run(self, prepared: Prepared, kind) -> AsyncIterator[Chunk]:
         """vLLM's outputs as our chunks. Answers start without the space the template puts
         before them, as our engine's do. A request vLLM refuses fails alone."""
-        text, started = "", False
+        delta = kind.name == "DELTA"  # else FINAL_ONLY: one output with all text and tokens
+        text, started, tokens = "", False, 0
         try:
             async for out in self.engine.generate(self._prompt(prepared), self._params(prepared, kind),
                                                   request_id=uuid.uuid4().hex):
@@ -93,13 +94,13 @@ class VLLMDeployment:
                 if not started:
                     piece = piece.lstrip()
                     started = bool(piece)
-                text = text + piece if kind.name == "DELTA" else piece
+                text = text + piece if delta else piece
+                tokens = tokens + len(out.outputs[0].token_ids) if delta else len(out.outputs[0].token_ids)
                 result = None
                 if out.finished:
-                    reason = out.outputs[0].finish_reason or "stop"
-                    result = Result(text, "length" if reason == "length" else "stop", len(prepared.ids),
-                                    len(out.outputs[0].token_ids))
-                yield Chunk(piece if kind.name == "DELTA" else "", result)
+                    reason = "length" if out.outputs[0].finish_reason == "length" else "stop"
+                    result = Result(text, reason, len(prepared.ids), tokens)
+                yield Chunk(piece if delta else "", result)
         except ValueError as e:  # vLLM's own validation of one request
             yield Chunk("", error=f"vLLM refused the request: {e}")
 
