@@ -140,7 +140,9 @@ def _import_errors(modules: tuple[str, ...]) -> tuple[str, dict[str, str]]:
 def check_serve_backend(backend: str, num_cpus: float, num_gpus: float, p: Placement) -> None:
     """Before training: the serving backend imports on a node of the serve placement (where
     the deploy step's replicas will run), so a missing vLLM ends the run now, not after hours
-    of training. Runs one Ray task with the replicas' own placement options."""
+    of training. Runs one Ray task with the replicas' own placement options: on an autoscaling
+    cluster that starts a serve node for a few minutes (released when idle), and it is the
+    image of that node type, not the head's, that must carry the backend."""
     modules = BACKEND_MODULES.get(backend, ())
     if not modules:
         return
