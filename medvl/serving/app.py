@@ -35,6 +35,7 @@ from medvl.serving.api import (
     ServeConfig,
     chunk_body,
     completion_body,
+    parse_request,
     to_engine_request,
 )
 from medvl.serving.engine import CONCURRENT_BATCHES, Chunk, Engine, Prepared, Preparer
@@ -271,7 +272,7 @@ class ChatDeployment:
     async def _answer(self, request: Request):
         raw = await self._read_body(request)
         try:
-            body = ChatCompletionRequest.model_validate_json(raw)
+            body = await asyncio.to_thread(parse_request, raw)  # off the event loop, bounded
         except ValueError as e:  # pydantic.ValidationError is a ValueError; so is bad JSON
             errors = getattr(e, "errors", lambda: [])()
             raise RequestValidationError(errors or [{"msg": str(e)}]) from e

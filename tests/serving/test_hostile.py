@@ -2,8 +2,11 @@
 before it can reach the model or hold the front's event loop."""
 
 import json
+import threading
+import time
 
 import pytest
+import requests
 from pydantic import ValidationError
 
 from medvl.data.templates import IMAGE
@@ -12,6 +15,7 @@ from medvl.serving.api import (
     APIError,
     ChatCompletionRequest,
     ServeConfig,
+    parse_request,
     strip_image_tags,
     to_engine_request,
 )
@@ -97,3 +101,54 @@ def test_the_pipeline_probe_keeps_its_image_under_the_root(tmp_path):
     with pytest.raises(Reject) as e:
         probe(f"http://127.0.0.1:{free_port()}/v1", "medvl", str(tmp_path / "eval.jsonl"), str(tmp_path))
     assert e.value.reason == "path_outside_root"
+
+
+def test_a_body_of_countless_values_is_refused_before_it_is_parsed():
+    """20 MB of tiny JSON values took pydantic a second holding the GIL (a thread alone
+    would still freeze the event loop); they are counted at memchr speed first."""
+    raw = json.dumps({"model": "medvl", "messages": [{"role": "system", "content": "x"}] * 30_000}).encode()
+    with pytest.raises(APIError) as e:
+        parse_request(raw)
+    assert e.value.status == 400 and e.value.code == "request_too_complex"
+    ok = parse_request(json.dumps({"model": "medvl", "messages": [_user("a, b: [c]")] * MAX_MESSAGES}).encode())
+    assert len(ok.messages) == MAX_MESSAGES
+
+
+@pytest.fixture(scope="module")
+def roomy_server(ray_cluster, taught_model_dir):
+    """The Serve app with the default limits (a 20 MB body)."""
+    from ray import serve
+
+    from medvl.serving.app import run_local
+    from tests.serving.conftest import wait_healthy
+
+    port = free_port()
+    run_local(ServeConfig(model=taught_model_dir), port=port, blocking=False,
+              options={"ray_actor_options": {"num_cpus": 0.5}})
+    wait_healthy(f"http://127.0.0.1:{port}")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.mark.slow
+def test_a_huge_body_does_not_freeze_the_front(roomy_server):
+    """19 MB of system messages were parsed on the event loop: 5.9 s during which no other
+    request on that replica moved. Small requests beside it now answer at once."""
+    body = json.dumps({"model": "medvl", "messages": [{"role": "system", "content": "x" * 80}] * 150_000}).encode()
+    assert len(body) < ServeConfig().max_body_bytes
+    done: dict = {}
+
+    def post() -> None:
+        done["r"] = requests.post(f"{roomy_server}/v1/chat/completions", data=body, timeout=120,
+                                  headers={"Content-Type": "application/json"})
+
+    worker = threading.Thread(target=post)
+    worker.start()
+    slowest = 0.0
+    while worker.is_alive():
+        start = time.perf_counter()
+        assert requests.get(f"{roomy_server}/v1/models", timeout=60).status_code == 200
+        slowest = max(slowest, time.perf_counter() - start)
+    worker.join()
+    assert done["r"].status_code == 400 and done["r"].json()["error"]["code"] == "request_too_complex"
+    assert slowest < 1.0, f"a small request waited {slowest:.1f} s behind the big body"
