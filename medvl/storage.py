@@ -12,7 +12,7 @@ import contextlib
 import os
 import posixpath
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -196,6 +196,18 @@ def upload_file(local_path: str, uri: str) -> None:
     pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+@contextlib.contextmanager
+def fetched(fs: pafs.FileSystem, path: str, keep: Callable[[str], bool]) -> Iterator[tuple[str, int]]:
+    """A local directory holding the files below ``path`` on ``fs`` whose relative path
+    ``keep`` accepts, and the bytes fetched for it, while the block runs: ``path`` itself on a
+    local (or mounted) disk, where nothing needs fetching; else a temporary copy of those files."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path, 0
+        return
+    with tempfile.TemporaryDirectory(prefix="medvl-fetch-") as local:
+        yield local, copy_files(fs, path, pafs.LocalFileSystem(), local, keep)
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -209,12 +221,23 @@ def copy_dir(src: str, dst: str, skip: tuple[str, ...] = ()) -> None:
     if not skip:
         pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
         return
+    copy_files(src_fs, src_path, dst_fs, dst_path, lambda rel: not rel.endswith(skip))
+
+
+def copy_files(src_fs: pafs.FileSystem, src_path: str, dst_fs: pafs.FileSystem, dst_path: str,
+               keep: Callable[[str], bool]) -> int:
+    """Copy the files below ``src_path`` whose path relative to it ``keep`` accepts to the same
+    places below ``dst_path``; return the bytes copied (what a reader fetched from storage)."""
+    copied = 0
     for info in src_fs.get_file_info(pafs.FileSelector(src_path, recursive=True)):
-        if info.type != pafs.FileType.File or info.path.endswith(skip):
+        rel = posixpath.relpath(info.path, src_path)
+        if info.type != pafs.FileType.File or not keep(rel):
             continue
-        target = f"{dst_path}/{os.path.relpath(info.path, src_path)}"
-        dst_fs.create_dir(os.path.dirname(target), recursive=True)
+        target = f"{dst_path}/{rel}"
+        dst_fs.create_dir(posixpath.dirname(target), recursive=True)
         pafs.copy_files(info.path, target, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        copied += info.size
+    return copied
 
 
 def stamp(uri: str) -> list[int]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import re
 import tempfile
 import time
 
@@ -35,6 +37,7 @@ from medvl.train.zero import deepspeed_config, initialize
 
 CKPT_TAG = "ckpt"
 STATE_FILE = "state.json"  # step (= data position) and metrics, written by rank 0
+RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank partition files
 
 
 def projector_digest(engine) -> str:
@@ -47,6 +50,13 @@ def projector_digest(engine) -> str:
         for _, p in sorted(proj.named_parameters()):
             h.update(p.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()
+
+
+def needed_by(rel: str, rank: int) -> bool:
+    """Whether ``rank`` loads checkpoint file ``rel``: the common files and its own ZeRO
+    partitions (DeepSpeed opens no other rank's unless ``elastic_checkpoint``, off here)."""
+    m = RANK_FILE.search(posixpath.basename(rel))
+    return m is None or int(m[1]) == rank
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -71,11 +81,11 @@ def train_loop_per_worker(config: dict) -> None:
     engine = initialize(model, opt, sched, deepspeed_config(cfg))
     memory.mark("setup")  # under ZeRO-3, the full weights are partitioned here
 
-    start, history, resumes = 0, [], []
+    start, history, resumes, fetched = 0, [], [], 0
     digest = projector_digest(engine)  # the weights this stage starts from
     ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
+    if ckpt:  # only what this rank loads is fetched, not the whole checkpoint (as_directory)
+        with storage.fetched(ckpt.filesystem, ckpt.path, lambda rel: needed_by(rel, rank)) as (d, fetched):
             # Trainable weights, optimizer and scheduler; frozen ones are not in the checkpoint.
             engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=False)
             with open(os.path.join(d, STATE_FILE)) as f:
@@ -90,7 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
     micro = iter(rank_feed(plan, rank, start).iter_torch_batches(
         batch_size=cfg.batch_size, prefetch_batches=2, collate_fn=collate) if start < steps else ())
     feed = {"start_step": start, "rows": (steps - start) * plan.share, "read_bytes": 0, "read_nodes": [],
-            "node": ray.get_runtime_context().get_node_id()}  # read_nodes: where its read tasks ran
+            "node": ray.get_runtime_context().get_node_id(),  # read_nodes: where its read tasks ran
+            "resume_bytes": fetched}  # of the checkpoint it resumed from
     pending: list[dict] = []  # this rank's metrics since the last sync
     for step in range(start, steps):
         t0 = time.perf_counter()
