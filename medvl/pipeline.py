@@ -198,6 +198,7 @@ def run_pipeline(path: str, output: str | None = None, only: str | None = None, 
     check_shared_storage(recipe.run, "run")  # every step on every node writes under it
     markers = {s.name: m for s in steps if (m := read_marker(s.artifact))}
     status: dict[str, dict] = {}
+    outputs = {"stage1": recipe.stage1.output, "stage2": recipe.stage2.output, "eval": recipe.eval.output}
     for step in steps:
         if step.name not in chosen:
             status[step.name] = {"status": "complete" if step.name in markers else "not run"}
@@ -207,9 +208,9 @@ def run_pipeline(path: str, output: str | None = None, only: str | None = None, 
                                             lambda s=step: _redeploy(s, owned, keep_serving))
         except BaseException:  # the summary says where the run stopped, then the job fails
             status[step.name] = {"status": "failed"}
-            write_summary(recipe, path, markers, status)
+            write_summary(recipe.run, outputs, path, markers, status)
             raise
-    return write_summary(recipe, path, markers, status)
+    return write_summary(recipe.run, outputs, path, markers, status)
 
 
 @dataclass(frozen=True)
@@ -365,12 +366,3 @@ def probe(url: str, model_name: str, records_uri: str, image_root: str) -> dict:
             {"type": "text", "text": ex["question"]}]}])
     return {"image": ex["image"], "question": ex["question"], "answer": reply.choices[0].message.content,
             "expected": ex["answer"]}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python workflows/pipeline.py ...`` == ``medvl pipeline ...``."""
-    import sys
-
-    from medvl.cli import main as cli_main
-
-    cli_main(["pipeline", *(sys.argv[1:] if argv is None else argv)])

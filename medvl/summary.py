@@ -5,19 +5,18 @@ people, with the plots) and ``RUN/plots/*.png``, built from the steps' markers."
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from medvl import storage
 
-if TYPE_CHECKING:  # the recipe type only: pipeline.py imports this module
-    from medvl.pipeline import Recipe
 
-
-def write_summary(r: Recipe, recipe_path: str, markers: dict[str, dict], status: dict[str, dict]) -> dict:
-    """``RUN/summary.json``, ``RUN/summary.md`` and ``RUN/plots/*.png`` from the step markers."""
+def write_summary(run: str, outputs: dict[str, str], recipe_path: str, markers: dict[str, dict],
+                  status: dict[str, dict]) -> dict:
+    """``RUN/summary.json``, ``RUN/summary.md`` and ``RUN/plots/*.png`` from the step markers.
+    ``outputs`` names the ``stage1``/``stage2``/``eval`` output directories whose plots are
+    copied: plain strings, not the recipe, so this module needs nothing from pipeline.py."""
     res = {name: m["result"] for name, m in markers.items()}
     summary = {
-        "run": r.run, "recipe": recipe_path,
+        "run": run, "recipe": recipe_path,
         "steps": {name: {**st, "hash": markers.get(name, {}).get("hash")} for name, st in status.items()},
         "data": {k: res.get(f"preprocess-{k}") for k in ("alignment", "instruction")},
         "stages": {k: {f: res[k][f] for f in ("steps", "first_loss", "last_loss")} for k in ("stage1", "stage2")
@@ -25,16 +24,16 @@ def write_summary(r: Recipe, recipe_path: str, markers: dict[str, dict], status:
         "eval": res.get("evaluate"), "endpoint": res.get("deploy", {}).get("endpoint"),
         "sample": res.get("deploy", {}).get("sample"),
     }
-    plots = {"stage1_loss.png": storage.join(r.stage1.output, "loss.png"),
-             "stage2_loss.png": storage.join(r.stage2.output, "loss.png"),
-             "eval_metrics.png": storage.join(r.eval.output, "metrics.png")}
+    plots = {"stage1_loss.png": storage.join(outputs["stage1"], "loss.png"),
+             "stage2_loss.png": storage.join(outputs["stage2"], "loss.png"),
+             "eval_metrics.png": storage.join(outputs["eval"], "metrics.png")}
     summary["plots"] = []
     for name, src in plots.items():
         if storage.exists(src):
-            storage.write_bytes(storage.join(r.run, "plots", name), storage.read_bytes(src))
+            storage.write_bytes(storage.join(run, "plots", name), storage.read_bytes(src))
             summary["plots"].append(f"plots/{name}")
-    storage.write_text(storage.join(r.run, "summary.json"), json.dumps(summary, ensure_ascii=False, indent=2))
-    storage.write_text(storage.join(r.run, "summary.md"), summary_markdown(summary))
+    storage.write_text(storage.join(run, "summary.json"), json.dumps(summary, ensure_ascii=False, indent=2))
+    storage.write_text(storage.join(run, "summary.md"), summary_markdown(summary))
     print(summary_markdown(summary), flush=True)
     return summary
 

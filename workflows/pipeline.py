@@ -3,7 +3,9 @@
 Same as ``medvl pipeline``; see ``medvl pipeline --help`` and medvl/pipeline.py.
 """
 
-from medvl.pipeline import main
+import sys
+
+from medvl.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["pipeline", *sys.argv[1:]])
