@@ -8,6 +8,7 @@ character split across byte-level tokens is held back until it is complete.
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from collections.abc import Iterator
@@ -126,6 +127,9 @@ class Engine:
         self.prepare = self.preparer.prepare
         self.tok = self.preparer.tok
         self.stop_ids = self.preparer.stop_ids
+        # transformers 5.2x calls the KV cache `cache`; the 5.19 that vLLM pins (and the
+        # vLLM venv, where the serve benchmark runs this engine too) `past_key_values`.
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._lock = threading.Lock()
         self.decoding = 0  # rows decoding now, over all concurrent batches
 
@@ -151,7 +155,7 @@ class Engine:
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              pixel_values=pixels, use_cache=True)
-            cache, step, logits = out.cache, 0, out.logits[:, -1].float().cpu()
+            cache, step, logits = getattr(out, self.cache_kw), 0, out.logits[:, -1].float().cpu()
             while True:
                 chunks: list[Chunk | None] = [None] * len(reqs)
                 token: dict[int, int] = {}
@@ -177,8 +181,8 @@ class Engine:
                 positions = positions[:, -1:] + 1
                 tokens = torch.tensor([token[i] for i in live], device=self.device)[:, None]
                 out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                                 cache=cache, use_cache=True)
-                cache, logits = out.cache, out.logits[:, -1].float().cpu()
+                                 use_cache=True, **{self.cache_kw: cache})
+                cache, logits = getattr(out, self.cache_kw), out.logits[:, -1].float().cpu()
         finally:
             self._count(-len(live))
 
