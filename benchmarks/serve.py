@@ -12,8 +12,13 @@
 5. Replica RSS increase (HTTP front and model replica, sampled every 5 ms) for the worst
    uploads under the default limits: a 50-megapixel PNG and JPEG, a 20000x1 PNG (the pad
    canvas bomb), an 8-frame RLE DICOM of 4096x4096, a 10 MB text prompt. Target: <=300 MB.
+6. ``--vllm-model DIR`` (run from ``.venv-vllm``, instead of 1-5): one exported model, the same
+   requests (a real chest X-ray PNG, 1024 px wide, greedy) from the same 16 clients, side by
+   side: vLLM's own OpenAI server, our front + vLLM (``backend: vllm``), our front + our
+   engine. Target: our front + vLLM >= 0.8x vLLM's own server's throughput.
 
 Usage: python benchmarks/serve.py [--requests 128] [--max-tokens 16]
+       .venv-vllm/bin/python benchmarks/serve.py --vllm-model runs/demo/model
 """
 
 from __future__ import annotations
@@ -56,15 +61,16 @@ def png_bytes() -> bytes:
     return buf.getvalue()
 
 
-def body(max_tokens: int) -> dict:
-    url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
-    return {"model": "medvl", "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
+def body(max_tokens: int, png: bytes | None = None) -> dict:
+    url = "data:image/png;base64," + base64.b64encode(png or png_bytes()).decode()
+    return {"model": "medvl", "max_tokens": max_tokens, "temperature": 0, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]}
 
 
-def load(url: str, n: int, clients: int, max_tokens: int, headers: dict | None = None) -> dict:
+def load(url: str, n: int, clients: int, max_tokens: int, headers: dict | None = None,
+         png: bytes | None = None) -> dict:
     """n requests from `clients` threads; returns throughput and latency percentiles."""
-    payload = body(max_tokens)
+    payload = body(max_tokens, png)
 
     def one(_):
         t0 = time.perf_counter()
@@ -199,12 +205,101 @@ def direct_p50(model: str, n: int, max_tokens: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def xray_png(path: str, width: int = 1024) -> bytes:
+    """A real image of the size users send: by default the demo's chest X-ray (pydicom-data's
+    RG1_UNCI.dcm, 1955 x 1841), windowed by our DICOM reader; scaled to ``width`` px."""
+    from medvl.data.dicom import dicom_to_rgb
+
+    with open(path, "rb") as f:
+        data = f.read()
+    img = Image.fromarray(dicom_to_rgb(data, 10**8)) if path.endswith(".dcm") else Image.open(io.BytesIO(data))
+    buf = io.BytesIO()
+    img.resize((width, round(img.height * width / img.width)), Image.Resampling.BICUBIC).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def vllm_server(model: str, port: int, max_len: int):
+    """vLLM's own OpenAI server on 127.0.0.1 (as `vllm serve` starts it), once it answers."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                             "--served-model-name", "medvl", "--host", "127.0.0.1", "--port", str(port),
+                             "--dtype", "float32", "--max-model-len", str(max_len),
+                             "--limit-mm-per-prompt", '{"image": 1}'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"vLLM's server did not come up on port {port} (exit {proc.poll()})")
+
+
+PROMPT_TOKENS = 512  # section 6: with max_tokens, vLLM's max_model_len (the demo model has 1024 positions)
+
+
+def side_by_side(model: str, image: str, n: int, clients: int, max_tokens: int) -> dict[str, dict]:
+    """Section 6: the same load on the three servers, one after another on the same port."""
+    import ray
+    from ray import serve
+
+    from medvl.serving.app import run_local
+
+    png, port, rows = xray_png(image), free_port(), {}
+    url = f"http://127.0.0.1:{port}"
+    proc = vllm_server(model, port, PROMPT_TOKENS + max_tokens)
+    try:
+        load(url, n, clients, max_tokens, png=png)  # warm-up, as long as the run
+        rows["vLLM's own OpenAI server"] = load(url, n, clients, max_tokens, png=png)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    for name, backend in (("our front + vLLM", "vllm"), ("our front + our engine", "medvl")):
+        cfg = ServeConfig(model=model, backend=backend, max_prompt_tokens=PROMPT_TOKENS, max_tokens_cap=max_tokens,
+                          max_batch_size=clients, batch_wait_timeout_s=0.01)
+        run_local(cfg, port=port, blocking=False)
+        load(url, n, clients, max_tokens, png=png)
+        rows[name] = load(url, n, clients, max_tokens, png=png)
+        serve.delete("medvl")
+    serve.shutdown()
+    ray.shutdown()
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def print_side_by_side(rows: dict[str, dict], n: int, clients: int, max_tokens: int) -> None:
+    print(f"\n{n} requests (a chest X-ray as a PNG 1024 px wide, greedy), {clients} concurrent clients, "
+          f"{max_tokens} tokens each, one exported model")
+    print(f"{'server':<28}{'req/s':>8}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}")
+    for name, r in rows.items():
+        print(f"{name:<28}{r['rps']:>8.1f}{r['tok_s']:>9.0f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}")
+    ratio = rows["our front + vLLM"]["rps"] / rows["vLLM's own OpenAI server"]["rps"]
+    print(f"our front + vLLM / vLLM's own server: {ratio:.2f}x (target >=0.8x)  {'MET' if ratio >= 0.8 else 'MISSED'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--vllm-model", help="section 6 only: this exported model on the three servers")
+    ap.add_argument("--image", default="runs/demo/demo-data/images/RG1_UNCI.dcm", help="section 6's image")
     args = ap.parse_args()
+    if args.vllm_model:
+        rows = side_by_side(args.vllm_model, args.image, args.requests, args.clients, args.max_tokens)
+        print_side_by_side(rows, args.requests, args.clients, args.max_tokens)
+        return
 
     import ray
     from ray import serve
@@ -213,9 +308,7 @@ def main() -> None:
 
     model = make_model(tempfile.mkdtemp(prefix="medvl-bench-"))
     ray.init(include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     rows = {}
     for batch in (16, 1):
