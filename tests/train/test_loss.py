@@ -119,7 +119,7 @@ def test_logits_never_span_every_position(demo_dir, loss_fn):
         assert 0 < probe.rows <= math.ceil(labelled / CHUNKS)
 
 
-def _zero3_rank(rank: int, tmp: str, tokenizer: str) -> None:
+def _zero3_rank(rank: int, tmp: str, tokenizer: str, lora_r: int) -> None:
     """One rank of a 2-process ZeRO-3 engine (gloo, gradient checkpointing, the real set-up):
     each path's loss and full (gathered) gradients, saved for the parent to compare."""
     import deepspeed.utils
@@ -130,7 +130,7 @@ def _zero3_rank(rank: int, tmp: str, tokenizer: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
     cfg = TrainConfig(stage=2, tokenizer=tokenizer, zero_stage=3, batch_size=3, num_workers=2,
-                      gradient_checkpointing=True)
+                      gradient_checkpointing=True, lora_r=lora_r, lora_dropout=0.0)
     model, tok = build_model(cfg)
     groups = trainable_groups(model, cfg)
     ds = deepspeed_config(cfg)
@@ -158,18 +158,20 @@ def _zero3_rank(rank: int, tmp: str, tokenizer: str) -> None:
 
 
 @pytest.mark.slow
-def test_zero3_partitioned_head_gives_the_same_loss_and_gradients(demo_dir, tmp_path):
-    """lm_head's weight is partitioned: only calling the module lets ZeRO-3 gather it; and
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
+def test_zero3_partitioned_head_gives_the_same_loss_and_gradients(demo_dir, tmp_path, lora_r):
+    """lm_head's weight is partitioned: only calling the module lets ZeRO-3 gather it (with
+    LoRA the head is frozen, and saved for backward as the partitioned parameter itself); and
     ZeRO-3's recorded module order survives a change in the number of labelled positions."""
     # fork: the ranks share this process's imports (a spawn re-imports transformers and DeepSpeed)
-    mp.start_processes(_zero3_rank, args=(str(tmp_path), str(demo_dir / "tokenizer")), nprocs=2,
+    mp.start_processes(_zero3_rank, args=(str(tmp_path), str(demo_dir / "tokenizer"), lora_r), nprocs=2,
                        start_method="fork")
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt")
         assert results["trace_complete"]
         (want_loss, want), (got_loss, got) = results["transformers"], results["chunked"]
         torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
-        assert "lm_head.weight" in want and got.keys() == want.keys()
+        assert ("lm_head.weight" in want) == (lora_r == 0) and got.keys() == want.keys()
         for name in want:
             torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
 
