@@ -100,7 +100,8 @@ def probe_worker(config: dict) -> None:
     oom = False
     try:
         model, tok = build_model(cfg)
-        opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, fused=cfg.use_gpu)
+        opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                fused=cfg.use_gpu)  # as the training loop makes it
         engine = initialize(model, opt, None, deepspeed_config(cfg))
         batch = model_inputs(worst_case_batch(model, tok, cfg.batch_size, config["max_length"]), engine.device)
         engine.backward(causal_lm_loss(engine, batch))
