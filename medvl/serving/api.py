@@ -45,6 +45,8 @@ class ServeConfig:
         "help": "let allowed image hosts resolve to private, loopback or link-local addresses (tests)"})
     image_fetch_timeout_s: float = field(default=10.0, metadata={
         "help": "time one remote image may take in all, redirects included"})
+    allow_burned_in_annotation: bool = field(default=False, metadata={
+        "help": "accept DICOM whose BurnedInAnnotation is YES (patient text in the pixels); default: 400"})
     allow_anonymous: bool = field(default=False, metadata={"help": "serve without API keys on a non-loopback host"})
     max_requests_per_key: int = field(default=64, metadata={"help": "requests one API key may have in flight per front replica (429 after)"})
 

@@ -294,7 +294,7 @@ class ChatDeployment:
     def _prepare(self, body: ChatCompletionRequest) -> Prepared:
         req = to_engine_request(body, self.cfg)
         try:
-            prepared = self.preparer.prepare(req, self.cfg.max_image_pixels)
+            prepared = self.preparer.prepare(req, self.cfg.max_image_pixels, self.cfg.allow_burned_in_annotation)
         except ImageError as e:
             status = 413 if e.reason == "image_too_large" else 400
             raise APIError(status, f"image rejected: {e.detail}", code=e.reason) from e

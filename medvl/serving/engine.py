@@ -108,10 +108,10 @@ class Preparer:
         self.stop_ids = {self.tok.eos_token_id} | (
             set(self.tok(end, add_special_tokens=False).input_ids[-1:]) if end else set())
 
-    def prepare(self, req: Request, max_pixels: int = 50_000_000) -> Prepared:
+    def prepare(self, req: Request, max_pixels: int = 50_000_000, allow_burned_in: bool = False) -> Prepared:
         """Prompt ids (built by the training code path) and uint8 pixels; ``ImageError`` if bad."""
         ids = encode_turns(req.turns, self.template, self.tok, self.num_image_tokens).input_ids
-        spec = ImageSpec(self.spec.size, self.spec.aspect, max_pixels)
+        spec = ImageSpec(self.spec.size, self.spec.aspect, max_pixels, allow_burned_in)
         pixels = load_image(req.image, req.image_name, spec) if req.image is not None else None
         return Prepared(req, ids, pixels)
 

@@ -1,6 +1,7 @@
 """Hostile requests found by a review (issue 31, part 4): each is refused, or made harmless,
 before it can reach the model or hold the front's event loop."""
 
+import base64
 import json
 import threading
 import time
@@ -9,6 +10,7 @@ import pytest
 import requests
 from pydantic import ValidationError
 
+from medvl.data.limits import ImageError
 from medvl.data.templates import IMAGE
 from medvl.serving.api import (
     MAX_MESSAGES,
@@ -153,3 +155,26 @@ def test_a_huge_body_does_not_freeze_the_front(roomy_server):
     worker.join()
     assert slowest < 1.0, f"a small request waited {slowest:.1f} s behind the big body"
     assert done["r"].status_code == 400 and done["r"].json()["error"]["code"] == "request_too_complex"
+
+
+def test_burned_in_dicom_is_refused_unless_the_config_allows_it(taught_model_dir):
+    from medvl.serving.engine import Preparer, Request
+    from tests.data.test_hostile import deflated_dicom
+
+    preparer = Preparer(taught_model_dir)
+    req = Request(turns=[(f"{IMAGE}\n问", None)], image=deflated_dicom(512, BurnedInAnnotation="YES"),
+                  image_name="upload.dcm")
+    with pytest.raises(ImageError) as e:
+        preparer.prepare(req)
+    assert e.value.reason == "burned_in_annotation"
+    assert preparer.prepare(req, allow_burned_in=True).pixels.shape == (32, 32, 3)
+
+
+@pytest.mark.slow
+def test_the_endpoint_refuses_burned_in_dicom_by_default(roomy_server):
+    from tests.data.test_hostile import deflated_dicom
+
+    uri = "data:application/dicom;base64," + base64.b64encode(deflated_dicom(512, BurnedInAnnotation="YES")).decode()
+    r = requests.post(f"{roomy_server}/v1/chat/completions", timeout=60, json={"model": "medvl", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "问"}]}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "burned_in_annotation"
