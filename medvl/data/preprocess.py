@@ -1,7 +1,8 @@
 """``medvl preprocess``: LLaVA-format records + images -> Parquet shards, on Ray Data.
 
 read records (byte ranges of JSONL, ``sources.py``) -> validate -> tokenize (cheap, first)
--> fetch images (concurrently) -> decode/fit -> write, 64 records at a time. Each task
+-> fetch images (concurrently) -> decode/fit -> write, 64 records at a time, one Ray task
+per chunk of records (sized from the corpus and the cluster's CPUs). Each task
 streams its kept rows into one Parquet shard and sends its rejected rows, with reasons,
 back to the driver, which writes ``rejects.jsonl`` and ``manifest.json``. Every input
 record ends in exactly one of the two: ``records_in == records_kept + records_rejected``.
@@ -11,6 +12,7 @@ Neither the driver nor a task holds more than one chunk of records at a time.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,7 +24,7 @@ import ray
 from medvl import config, storage
 from medvl.console import init_ray
 from medvl.data import images, records, templates
-from medvl.data.sources import open_records, read_records
+from medvl.data.sources import chunk_lines, open_records, read_records
 from medvl.data.tokenize import IGNORE, Tokenized, encode_turns
 from medvl.data.writer import ROW_GROUP_ROWS, ROW_SCHEMA, ShardSink
 from medvl.placement import Placement, cpu_task_options
@@ -160,6 +162,12 @@ def process_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> pa.Tab
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
+def process_chunk(chunk: dict[str, np.ndarray], cfg: PreprocessConfig) -> Iterator[pa.Table]:
+    """A read task's whole chunk, ``ROW_GROUP_ROWS`` records at a time. Slicing here rather
+    than through ``map_batches(batch_size=...)`` keeps read, process and write in one task:
+    Ray Data does not fuse a read into a map that asks for a batch size."""
+    for start in range(0, len(chunk["line"]), ROW_GROUP_ROWS):
+        yield process_batch({k: v[start:start + ROW_GROUP_ROWS] for k, v in chunk.items()}, cfg)
 
 
 def preprocess(cfg: PreprocessConfig, placement: Placement | None = None) -> dict[str, Any]:
@@ -177,9 +185,13 @@ def preprocess(cfg: PreprocessConfig, placement: Placement | None = None) -> dic
     storage.delete_dir(storage.join(cfg.output, "shards"))
     sink = ShardSink(cfg.output, records_in=raw.records, run_config=config.to_dict(cfg),
                      plain=cfg.template == "plain")
-    where = cpu_task_options(placement or Placement())  # the same on every operator: they fuse
-    ds = read_records(raw, where.get("label_selector"))
-    ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy",
-                        batch_size=ROW_GROUP_ROWS, memory=cfg.task_memory_mb * 2**20, **where)
-    ds.write_datasink(sink, ray_remote_args=where)
+    # One task per chunk reads, processes and writes it: Ray Data fuses operators with equal
+    # options and no batch size. As three operators (the memory on the map alone, a 64-row
+    # batch size), Ray Data reserved CPUs per operator: on 2 CPUs the idle write held one,
+    # so one map task ran at a time.
+    opts = {**cpu_task_options(placement or Placement()), "memory": cfg.task_memory_mb * 2**20}
+    lines = chunk_lines(raw.records, int(ray.cluster_resources().get("CPU", 0)), cfg.shard_records)
+    ds = read_records(raw, opts.get("label_selector"), lines=lines, memory=opts["memory"])
+    ds = ds.map_batches(process_chunk, fn_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=None, **opts)
+    ds.write_datasink(sink, ray_remote_args=opts)
     return sink.manifest
