@@ -198,6 +198,7 @@ def _inflate(body: bytes, meta: pydicom.Dataset, spec: ImageSpec) -> pydicom.Dat
 
 
 def _explicit_le(data: bytes) -> DicomBytesIO:
+    """``data`` as pydicom reads a deflated dataset once inflated: explicit VR little endian."""
     fp = DicomBytesIO(data)
     fp.is_little_endian, fp.is_implicit_VR = True, False
     return fp

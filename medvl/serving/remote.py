@@ -42,7 +42,11 @@ def target(url: str, allowed: list[str]) -> tuple[str, str, int] | None:
         return None
     for entry in allowed:
         listed = urlsplit(f"//{entry}")
-        if listed.hostname == parts.hostname and (listed.port or DEFAULT_PORTS[parts.scheme]) == port:
+        try:
+            listed_port = listed.port or DEFAULT_PORTS[parts.scheme]
+        except ValueError:  # a malformed entry allows nothing
+            continue
+        if listed.hostname == parts.hostname and listed_port == port:
             return parts.scheme, parts.hostname, port
     return None
 

@@ -102,6 +102,7 @@ def test_the_allow_list_matches_the_port_too(site):
     assert e.value.status == 400 and e.value.code == "invalid_image_url" and len(site.hosts) == served
     assert remote.target("https://pacs.example/x.png", ["pacs.example"]) == ("https", "pacs.example", 443)
     assert remote.target("http://pacs.example:8042/x.png", ["pacs.example"]) is None
+    assert remote.target("http://pacs.example:8042/x.png", ["pacs.example:x", "pacs.example:8042"])
 
 
 def test_an_allowed_name_that_resolves_to_loopback_is_refused(site):
