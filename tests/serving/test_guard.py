@@ -190,3 +190,12 @@ def test_server_errors_keep_exception_text_in_the_server_log(guarded):
                 return
         time.sleep(0.5)
     pytest.fail(f"no {mark!r} with its exception text in {logs}")
+
+
+@pytest.mark.slow
+def test_max_tokens_is_capped_by_the_front(guarded):
+    """A request for 100000 tokens gets at most ``max_tokens_cap`` (4 here), not an error: the
+    front caps it for every engine (vLLM's is checked by ``make vllm-check``)."""
+    r = _post(guarded, KEY_A, max_tokens=100_000)
+    assert r.status_code == 200, r.text
+    assert 1 <= r.json()["usage"]["completion_tokens"] <= 4
