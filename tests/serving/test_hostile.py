@@ -136,7 +136,8 @@ def roomy_server(ray_cluster, taught_model_dir):
 def test_a_huge_body_does_not_freeze_the_front(roomy_server):
     """A body is parsed on the event loop: 19.8 MB of system messages took 5.9 s, and a
     million tiny ones (18 MB) still 3.6 s with the caps, during which no other request on
-    that replica moved. Small requests beside it now answer at once."""
+    that replica moved. Small requests beside it now answer at once (2 s: room for a loaded CI
+    machine, well under the 3.6 s the loop froze)."""
     body = ('{"model": "medvl", "messages": [' + ",".join(['{"role": "system"}'] * 1_000_000) + "]}").encode()
     assert len(body) < ServeConfig().max_body_bytes
     done: dict = {}
@@ -153,7 +154,7 @@ def test_a_huge_body_does_not_freeze_the_front(roomy_server):
         assert requests.get(f"{roomy_server}/v1/models", timeout=60).status_code == 200
         slowest = max(slowest, time.perf_counter() - start)
     worker.join()
-    assert slowest < 1.0, f"a small request waited {slowest:.1f} s behind the big body"
+    assert slowest < 2.0, f"a small request waited {slowest:.1f} s behind the big body"
     assert done["r"].status_code == 400 and done["r"].json()["error"]["code"] == "request_too_complex"
 
 
