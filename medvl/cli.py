@@ -88,7 +88,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from medvl.eval.evaluate import EvalConfig, evaluate
 
     metrics = evaluate(_config_from_args(EvalConfig, args), _placement(args))
-    print(json.dumps({k: metrics[k] for k in ("n", "errors", "closed_chance", "overall")}, indent=2))
+    print(json.dumps({k: metrics[k] for k in ("n", "errors", "closed_chance", "overall", "control_notes")},
+                     indent=2, ensure_ascii=False))
+
+
+def eval_compare(argv: list[str]) -> None:
+    """``medvl eval compare RUN_A RUN_B``: paired tests of two eval runs on the same questions."""
+    from medvl.eval.compare import compare_markdown, compare_runs
+
+    p = argparse.ArgumentParser(prog="medvl eval compare", description=eval_compare.__doc__)
+    p.add_argument("run_a", help="eval output directory A (holds predictions.jsonl)")
+    p.add_argument("run_b", help="eval output directory B, the same questions")
+    p.add_argument("--json", action="store_true", help="print the tests as JSON instead of a table")
+    args = p.parse_args(argv)
+    tests = compare_runs(args.run_a, args.run_b)
+    print(json.dumps(tests, indent=2) if args.json else compare_markdown(args.run_a, args.run_b, tests))
 
 
 def cmd_import_vqa(args: argparse.Namespace) -> None:
@@ -227,7 +241,8 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "preprocess": ("LLaVA/ChiMed-VL records + images -> Parquet shards (Ray Data)",
                    "medvl.data.preprocess:PreprocessConfig"),
     "train": ("one curriculum stage on Ray Train + DeepSpeed (--stage 1|2)", "medvl.train.config:TrainConfig"),
-    "eval": ("medical VQA evaluation with Ray Data batch inference -> metrics + report",
+    "eval": ("medical VQA evaluation with Ray Data batch inference -> metrics + report "
+             "(`medvl eval compare RUN_A RUN_B`: paired tests of two runs)",
              "medvl.eval.evaluate:EvalConfig"),
     "serve": ("serve an exported model behind an OpenAI-compatible endpoint (Ray Serve)",
               "medvl.serving.api:ServeConfig"),
@@ -272,6 +287,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["eval", "compare"]:  # a sub-subcommand: eval's own flags do not apply
+        try:
+            return eval_compare(argv[2:])
+        except ValueError as e:
+            print(f"medvl eval compare: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from e
     args = build_parser(next((a for a in argv if a in COMMANDS), None)).parse_args(argv)
     try:
         args.fn(args)

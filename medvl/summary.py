@@ -59,6 +59,10 @@ def summary_markdown(s: dict) -> str:
             if "closed_chance" in g and len(e["by_task"]) > 1:
                 lines.append(f"- {task} questions ({g['n']}): closed accuracy {g['closed_accuracy']:.3f} "
                              f"vs chance {g['closed_chance']:.3f}")
+        if e.get("controls"):  # did the scores depend on the image? (report.md has the table)
+            lines += [f"- {n}" for n in e["control_notes"]] or [
+                "- every group's closed accuracy is above chance with its images and falls to chance "
+                "with blank or shuffled ones"]
         if "finding" in e.get("by_task", {}):
             lines.append("- the findings are synthetic: round \"nodules\" painted into the demo images "
                          "(`medvl/data/demo.py`), asked about to show the model looks at the image")

@@ -4,6 +4,10 @@ Records -> Ray Data -> an actor pool of ``Predictor`` s (the model loaded once p
 the pool sized by the recipe) generating greedily in batches -> metrics per example ->
 ``OUTPUT/{predictions.jsonl, metrics.json, report.md, metrics.png}``. Greedy decoding with
 a fixed batch composition and order makes two runs give identical results.
+
+With ``controls`` (the default) every question is also asked with a blank image and with
+another record's image, so the report can show whether the scores depend on the image at
+all (text-only models keep much of their VQA-RAD score with blank images).
 """
 
 from __future__ import annotations
@@ -20,12 +24,18 @@ import ray
 from medvl import storage
 from medvl.console import init_ray
 from medvl.data import images, records
+from medvl.data.images import PAD_COLOR
 from medvl.eval import llava_med
+from medvl.eval.compare import paired_by_group
+from medvl.eval.leakage import PHASH_BITS, find_overlaps
 from medvl.eval.metrics import answer_type, score
-from medvl.eval.report import write_report
+from medvl.eval.provenance import read_imported, split_hash
+from medvl.eval.report import CONTROLS, write_report
 from medvl.placement import Placement, actor_options, check_accelerator
 from medvl.preflight import check_inputs
-from medvl.serving.engine import Engine, Request
+from medvl.serving.engine import Engine, Request, read_meta
+
+SHUFFLE_SEED = 0  # the derangement of images in the shuffled control: fixed, so runs compare
 
 
 @dataclass
@@ -42,6 +52,15 @@ class EvalConfig:
     limit: int = field(default=0, metadata={"help": "evaluate only the first N records (0: all)"})
     protocol: Literal["medvl", "llava-med"] = field(default="medvl", metadata={
         "help": "llava-med: also score as LLaVA-Med's run_eval.py does, for comparison with published figures"})
+    controls: bool = field(default=True, metadata={
+        "help": "also answer every question with a blank and with another record's image (3x the cost)"})
+    leakage_data: str = field(default="", metadata={
+        "help": "training records (.jsonl) whose images are compared with the eval images before scoring"})
+    leakage_image_root: str = field(default="", metadata={"help": "directory leakage_data's image paths are relative to"})
+    leakage_drop: bool = field(default=False, metadata={
+        "help": "leave out the questions whose image was found in the training corpus"})
+    regime: Literal["unstated", "zero-shot", "fine-tuned"] = field(default="unstated", metadata={
+        "help": "fine-tuned: the model was trained on this benchmark's train split (stated in the report)"})
 
 
 def load_eval_records(uri: str, limit: int = 0) -> list[dict]:
@@ -87,7 +106,10 @@ class Predictor:
                 data = storage.read_bytes(records.image_uri(self.image_root, ex["image"]))
                 req = Request(turns=[tuple(t) for t in ex["prompt"]], image=data,
                               max_tokens=self.max_tokens)
-                ready.append((i, self.engine.prepare(req)))
+                prep = self.engine.prepare(req)
+                if ex["condition"] == "blank":  # same size as the fitted image, no content
+                    prep.pixels = np.broadcast_to(np.asarray(PAD_COLOR, np.uint8), prep.pixels.shape).copy()
+                ready.append((i, prep))
             except (records.Reject, images.ImageError, OSError) as e:
                 errors[i] = f"{type(e).__name__}: {e}"  # scored as a wrong answer, and listed
         if ready:
@@ -117,6 +139,62 @@ def predict(cfg: EvalConfig, examples: list[dict], placement: Placement) -> list
              "error": by_index[ex["index"]]["error"]} for ex in examples]
 
 
+def derangement(images: list[str], seed: int = SHUFFLE_SEED) -> dict[str, str]:
+    """Each distinct image -> another one (Sattolo's shuffle: a single cycle, so none maps to
+    itself); every question about an image is then asked about a different picture."""
+    distinct, rng = sorted(set(images)), np.random.default_rng(seed)
+    order = list(range(len(distinct)))
+    for i in range(len(order) - 1, 0, -1):  # Sattolo: swap with a strictly earlier position
+        j = int(rng.integers(0, i))
+        order[i], order[j] = order[j], order[i]
+    return {distinct[k]: distinct[order[k]] for k in range(len(distinct))}
+
+
+def with_controls(examples: list[dict]) -> list[dict]:
+    """The examples with their images, then again with a blank image, then with another
+    record's image (skipped when the set has a single image); indices made unique."""
+    out = [{**ex, "condition": "image"} for ex in examples]
+    swap = derangement([ex["image"] for ex in examples])
+    for cond in CONTROLS:
+        if cond == "shuffled" and len(swap) < 2:
+            continue
+        out += [{**ex, "condition": cond, "image": swap[ex["image"]] if cond == "shuffled" else ex["image"]}
+                for ex in examples]
+    return [{**ex, "index": i} for i, ex in enumerate(out)]
+
+
+def control_tests(rows: list[dict]) -> dict[str, dict]:
+    """Condition -> the paired tests of each control against the real images, per group."""
+    image = [r for r in rows if r["condition"] == "image"]
+    return {c: paired_by_group(image, cond) for c in CONTROLS
+            if (cond := [r for r in rows if r["condition"] == c])}
+
+
+def check_leakage(cfg: EvalConfig, examples: list[dict]) -> tuple[dict, list[dict]]:
+    """The eval images found in the training corpus (exact pixels or near duplicates), by
+    question id (``checked: False`` without training records), and the examples to score:
+    all, or with ``leakage_drop`` those whose image was not found."""
+    if not cfg.leakage_data:
+        return {"checked": False, "overlaps": []}, examples
+    overlaps = find_overlaps(sorted({ex["image"] for ex in examples}), cfg.image_root,
+                             storage.absolute(cfg.leakage_data),
+                             storage.absolute(cfg.leakage_image_root or cfg.image_root))
+    hit = {o["eval_image"] for o in overlaps}
+    kept = [ex for ex in examples if ex["image"] not in hit] if cfg.leakage_drop else examples
+    if not kept:
+        raise ValueError("eval: every eval image was found in the training corpus (leakage_drop)")
+    leakage = {"checked": True, "corpus": cfg.leakage_data, "phash_bits": PHASH_BITS, "overlaps": overlaps,
+               "dropped": cfg.leakage_drop, "questions": [ex["id"] for ex in examples if ex["image"] in hit]}
+    return leakage, [{**ex, "index": i} for i, ex in enumerate(kept)]
+
+
+def setup(cfg: EvalConfig) -> dict:
+    """What a published number must match: regime, prompt template and decoding."""
+    meta = read_meta(cfg.model, image_size=0)
+    return {"regime": cfg.regime, "template": meta["template"], "aspect": meta["aspect"],
+            "decoding": f"greedy, at most {cfg.max_tokens} new tokens, batches of {cfg.batch_size}"}
+
+
 def evaluate(cfg: EvalConfig, placement: Placement | None = None) -> dict:
     """Run the eval set through the model; write the report; return ``metrics.json``'s content."""
     for name in ("model", "data", "image_root", "output"):
@@ -129,12 +207,18 @@ def evaluate(cfg: EvalConfig, placement: Placement | None = None) -> dict:
     examples = load_eval_records(cfg.data, cfg.limit)
     if not examples:
         raise ValueError(f"eval: {cfg.data} holds no records")
+    provenance = {**split_hash(examples, cfg.image_root), "imported": read_imported(cfg.data)}
     init_ray()
     placement = placement or Placement()
     if cfg.use_gpu:
         check_accelerator(placement.serve_accelerator)
-    rows = predict(cfg, examples, placement)
+    leakage, examples = check_leakage(cfg, examples)
+    asked = with_controls(examples) if cfg.controls else [{**ex, "condition": "image"} for ex in examples]
+    rows = predict(cfg, asked, placement)
     for row in rows:
         row["scores"] = score(row["prediction"], row)
-    extra = {"llava_med": llava_med.scores(rows)} if cfg.protocol == "llava-med" else {}
-    return write_report(rows, cfg.output, {"model": cfg.model, "data": cfg.data, **extra})
+    image = [r for r in rows if r["condition"] == "image"]
+    extra = {"llava_med": llava_med.scores(image)} if cfg.protocol == "llava-med" else {}
+    meta = {"model": cfg.model, "data": cfg.data, **extra, "setup": setup(cfg), "provenance": provenance,
+            "leakage": leakage}
+    return write_report(rows, cfg.output, meta, control_tests(rows))

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from medvl import storage
 from medvl.eval.metrics import canonical
+from medvl.eval.provenance import sidecar, split_hash
 
 YES_NO = ["yes", "no"]
 
@@ -47,8 +48,21 @@ def _closed_or_open(answer: str, declared: str | None = None) -> tuple[str, list
     return "closed", None  # closed but not yes/no (e.g. "left" / "right"): scored by match
 
 
+def source_file(fmt: str, src: str, split: str) -> str:
+    """The release file (relative to ``src``) a format's questions are read from: recorded in
+    the split's provenance so a reader can tell which release was imported."""
+    if fmt == "vqa-rad":
+        return "VQA_RAD Dataset Public.json"  # one file for every split
+    if fmt == "slake":
+        return f"{split}.json"
+    if fmt == "pathvqa":
+        return f"qas/{split}/{split}_qa.pkl"
+    return next((n for n in (f"{split}_clean.csv", f"{split}.csv")  # pmc-vqa: the cleaned file first
+                 if storage.exists(storage.join(src, n))), f"{split}.csv")
+
+
 def vqa_rad(src: str, split: str = "test") -> list[dict]:
-    items = json.loads(storage.read_text(storage.join(src, "VQA_RAD Dataset Public.json")))
+    items = json.loads(storage.read_text(storage.join(src, source_file("vqa-rad", src, split))))
     out = []
     for it in items:
         is_test = str(it.get("phrase_type", "")).startswith("test")
@@ -62,7 +76,7 @@ def vqa_rad(src: str, split: str = "test") -> list[dict]:
 
 
 def slake(src: str, split: str = "test", lang: str = "all") -> list[dict]:
-    items = json.loads(storage.read_text(storage.join(src, f"{split}.json")))
+    items = json.loads(storage.read_text(storage.join(src, source_file("slake", src, split))))
     out = []
     for it in items:
         if lang != "all" and it.get("q_lang") != lang:
@@ -82,7 +96,7 @@ class _PlainData(pickle.Unpickler):
 
 
 def pathvqa(src: str, split: str = "test") -> list[dict]:
-    raw = storage.read_bytes(storage.join(src, f"qas/{split}/{split}_qa.pkl"))
+    raw = storage.read_bytes(storage.join(src, source_file("pathvqa", src, split)))
     out = []
     for i, it in enumerate(_PlainData(io.BytesIO(raw)).load()):
         answer = str(it["answer"]).strip()
@@ -93,9 +107,7 @@ def pathvqa(src: str, split: str = "test") -> list[dict]:
 
 
 def pmc_vqa(src: str, split: str = "test") -> list[dict]:
-    name = next((n for n in (f"{split}_clean.csv", f"{split}.csv")
-                 if storage.exists(storage.join(src, n))), f"{split}.csv")
-    rows = csv.DictReader(io.StringIO(storage.read_text(storage.join(src, name))))
+    rows = csv.DictReader(io.StringIO(storage.read_text(storage.join(src, source_file("pmc-vqa", src, split)))))
     out = []
     for i, row in enumerate(rows):
         choices = [re.sub(r"^\s*[A-D]\s*[:：.]\s*", "", row[f"Choice {k}"]).strip() for k in "ABCD"]
@@ -112,9 +124,15 @@ IMPORTERS: dict[str, Callable[..., list[dict]]] = {
 
 
 def import_vqa(fmt: str, src: str, output: str, split: str = "test", lang: str = "all") -> int:
-    """Write ``output`` (.jsonl); return the record count. Images stay where they are."""
+    """Write ``output`` (.jsonl) and its provenance (``x.provenance.json``: the split's content
+    hash, counts and release file); return the record count. Images stay where they are."""
+    from medvl.eval.evaluate import load_eval_records  # the eval's own reading of the records
+
     if fmt not in IMPORTERS:
         raise ValueError(f"unknown format {fmt!r}; one of {sorted(IMPORTERS)}")
     recs = IMPORTERS[fmt](src, split, lang) if fmt == "slake" else IMPORTERS[fmt](src, split)
     storage.write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    prov = {"format": fmt, "split": split, "lang": lang, "source": src, "sources": [source_file(fmt, src, split)],
+            **split_hash(load_eval_records(output), src)}
+    storage.write_text(sidecar(output), json.dumps(prov, ensure_ascii=False, indent=2))
     return len(recs)

@@ -1,5 +1,7 @@
-"""Eval report: ``metrics.json``, ``report.md`` (overall / per answer type / per modality, and
-the worst-scored examples), ``metrics.png`` (bar chart) and ``predictions.jsonl``."""
+"""Eval report: ``metrics.json``, ``report.md`` (overall / per answer type / per modality with
+95% intervals, the image-dependence controls beside chance, the split's provenance and the
+run's set-up, and the worst-scored examples), ``metrics.png`` (bar chart with the intervals)
+and ``predictions.jsonl`` (every condition's answers)."""
 
 from __future__ import annotations
 
@@ -9,15 +11,24 @@ import json
 import numpy as np
 
 from medvl import storage
+from medvl.eval.stats import bootstrap_ci, wilson
 
 METRICS = ("closed_accuracy", "open_recall", "exact_match", "token_f1", "bleu4", "rouge_l")
 PLOTTED = ("closed_accuracy", "open_recall", "token_f1", "rouge_l")
 GROUPS = ("task", "answer_type", "modality")  # the report's breakdowns (task: e.g. the demo's finding/modality)
+CONTROLS = {"blank": "blank (CLIP mean colour)", "shuffled": "another record's"}
+
+
+def interval(metric: str, vals: list[float]) -> tuple[float, float]:
+    """95% interval: Wilson for an accuracy (0/1 per question), bootstrap for the rest."""
+    if metric in ("closed_accuracy", "exact_match"):
+        return wilson(int(round(sum(vals))), len(vals))
+    return bootstrap_ci(vals)
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Mean of each metric over the rows it applies to, the row count and the closed
-    questions' chance accuracy (a score means little without it)."""
+    """Mean of each metric over the rows it applies to with its 95% interval (``{m}_ci``), the
+    row count and the closed questions' chance accuracy (a score means little without it)."""
     out: dict = {"n": len(rows)}
     if (chance := closed_chance(rows)) is not None:
         out["closed_chance"] = chance
@@ -25,6 +36,7 @@ def summarize(rows: list[dict]) -> dict:
         vals = [r["scores"][m] for r in rows if m in r["scores"]]
         if vals:
             out[m] = float(np.mean(vals))
+            out[f"{m}_ci"] = list(interval(m, vals))
     return out
 
 
@@ -36,11 +48,25 @@ def closed_chance(rows: list[dict]) -> float | None:
     return float(np.mean([1 / len(r["choices"]) if r.get("choices") else 0.5 for r in closed]))
 
 
+def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    """``overall`` and ``{key}: {value}`` for every breakdown in ``GROUPS`` -> its rows."""
+    out = {"overall": rows}
+    for key in GROUPS:
+        out |= {f"{key}: {v}": [r for r in rows if r.get(key) == v] for v in sorted({r.get(key) for r in rows})}
+    return out
+
+
 def aggregate(rows: list[dict]) -> dict:
     groups = {key: {v: summarize([r for r in rows if r.get(key) == v]) for v in sorted({r.get(key) for r in rows})}
               for key in GROUPS}
     return {"n": len(rows), "errors": sum(bool(r["error"]) for r in rows), "overall": summarize(rows),
             "closed_chance": closed_chance(rows), **{f"by_{key}": groups[key] for key in GROUPS}}
+
+
+def named_groups(metrics: dict) -> dict[str, dict]:
+    """The summaries in ``metrics`` under the names ``group_rows`` gives them."""
+    return {"overall": metrics["overall"], **{f"{key}: {v}": s for key in GROUPS
+                                              for v, s in metrics.get(f"by_{key}", {}).items()}}
 
 
 def worst(rows: list[dict], k: int = 10) -> list[dict]:
@@ -51,6 +77,109 @@ def worst(rows: list[dict], k: int = 10) -> list[dict]:
     return sorted(rows, key=key)[:k]
 
 
+def verdict(s: dict) -> str | None:
+    """Where a closed accuracy's interval sits against chance: ``above``/``at``/``below``."""
+    if "closed_accuracy" not in s or "closed_chance" not in s:
+        return None
+    lo, hi = s["closed_accuracy_ci"]
+    return "above" if lo > s["closed_chance"] else "below" if hi < s["closed_chance"] else "at"
+
+
+def control_notes(metrics: dict) -> list[str]:
+    """A plain sentence for every group whose closed accuracy stays above chance without its
+    image (those questions are answered from the text or a prior, not from the picture), and
+    for every group not above chance even with its images (nothing shows the image is used)."""
+    controls, notes = metrics["controls"], []
+    if not controls:
+        return notes
+    for name, s in named_groups(metrics).items():
+        if verdict(s) in ("at", "below"):
+            lo, hi = s["closed_accuracy_ci"]
+            notes.append(f"{name}: closed accuracy with the real images is {s['closed_accuracy']:.3f} "
+                         f"[{lo:.3f}, {hi:.3f}], not above chance {s['closed_chance']:.3f}: nothing here shows "
+                         f"that the model uses the image.")
+    for cond, c in controls.items():
+        for name, s in c["groups"].items():
+            if verdict(s) == "above":
+                lo, hi = s["closed_accuracy_ci"]
+                notes.append(f"{name}: with {CONTROLS[cond]} images closed accuracy is {s['closed_accuracy']:.3f} "
+                             f"[{lo:.3f}, {hi:.3f}], above chance {s['closed_chance']:.3f}: the model is not "
+                             f"looking at the image for these questions.")
+    return notes
+
+
+def _cell(s: dict, m: str) -> str:
+    return f"{s[m]:.3f} [{s[m + '_ci'][0]:.2f}, {s[m + '_ci'][1]:.2f}]" if m in s else "–"
+
+
+def _p(test: dict | None) -> str:
+    return "–" if not test else f"{test['diff']:+.3f} (p={test['p']:.2g})"
+
+
+def controls_markdown(metrics: dict) -> list[str]:
+    controls, shown = metrics.get("controls") or {}, named_groups(metrics)
+    if not controls:
+        return ["Image-dependence controls: off (`controls: false`).", ""]
+    conds = list(controls)
+    lines = ["## Image-dependence controls", "",
+             "Every question asked again with a blank image (CLIP's mean colour: the value the vision tower "
+             "normalises to zero, and LLaVA's padding colour, so it carries no content) and with another "
+             "record's image (a fixed-seed derangement of the distinct images). A model that uses the image "
+             "falls to chance under both; the change against the real image is an exact McNemar test (closed) "
+             "or a paired bootstrap (open recall).", "",
+             "| group | n | closed: image | " + " | ".join(conds) + " | chance | "
+             + " | ".join(f"image → {c}" for c in conds) + " | open recall: image | "
+             + " | ".join(conds) + " |", "|" + "---|" * (5 + 3 * len(conds))]
+    for name, s in shown.items():
+        cs = [controls[c]["groups"].get(name, {}) for c in conds]
+        tests = [controls[c]["tests"].get(name, {}) for c in conds]
+        closed = [f"{_cell(x, 'closed_accuracy')} ({verdict(x) or '–'})" for x in cs]
+        chance = f"{s['closed_chance']:.3f}" if "closed_chance" in s else "–"
+        lines.append(f"| {name} | {s['n']} | {_cell(s, 'closed_accuracy')} | {' | '.join(closed)} | {chance} | "
+                     f"{' | '.join(_p(t.get('closed_accuracy')) for t in tests)} | {_cell(s, 'open_recall')} | "
+                     f"{' | '.join(_cell(x, 'open_recall') for x in cs)} |")
+    notes = metrics.get("control_notes") or ["Every group's closed accuracy is above chance with its images and "
+                                             "falls to chance (or below) under both controls: the answers depend "
+                                             "on the image."]
+    return [*lines, "", *[f"- {n}" for n in notes], ""]
+
+
+def setup_markdown(metrics: dict) -> list[str]:
+    """What a published number must match before it can be compared with ours."""
+    setup, prov = metrics.get("setup") or {}, metrics.get("provenance") or {}
+    lines = ["## Set-up and provenance", ""]
+    if setup:
+        regime = setup["regime"] if setup["regime"] != "unstated" else (
+            "not stated (set `regime: zero-shot` or `fine-tuned` in the eval config)")
+        lines += [f"- regime: {regime}", f"- prompt template: `{setup['template']}` "
+                  f"(image aspect `{setup['aspect']}`)", f"- decoding: {setup['decoding']}"]
+    if prov:
+        lines += [f"- split: sha256 `{prov['sha256']}` over {prov['questions']} questions and "
+                  f"{prov['images']} images (ids, questions, answers and image bytes)"]
+        if (imp := prov.get("imported")) is not None:
+            same = "matches" if imp["sha256"] == prov["sha256"] else "DIFFERS from"
+            lines.append(f"- imported by `medvl import-vqa` ({imp['format']}, split {imp['split']}) from "
+                         f"{', '.join(f'`{f}`' for f in imp['sources'])}: {imp['questions']} questions, "
+                         f"{imp['images']} images; this hash {same} the import's `{imp['sha256'][:16]}…`")
+    return [*lines, *leakage_markdown(metrics.get("leakage")), ""]
+
+
+def leakage_markdown(leak: dict | None) -> list[str]:
+    """One line saying whether, and which, eval images were found in the training corpus."""
+    if not leak or not leak["checked"]:
+        return ["- leakage: not checked (set `leakage_data` to the training records)"]
+    if not leak["overlaps"]:
+        return [f"- leakage: no eval image found in `{leak['corpus']}` (exact pixels or pHash within "
+                f"{leak['phash_bits']} bits)"]
+    kinds = {k: len({o["eval_image"] for o in leak["overlaps"] if o["kind"] == k}) for k in ("exact", "near")}
+    ids = ", ".join(f"`{i}`" for i in leak["questions"][:20]) + (" …" if len(leak["questions"]) > 20 else "")
+    return [f"- leakage: {kinds['exact']} eval images with identical pixels and {kinds['near']} near duplicates "
+            f"(pHash within {leak['phash_bits']} bits) in `{leak['corpus']}`, asked in {len(leak['questions'])} "
+            f"questions ({'left out of the scores' if leak['dropped'] else 'still scored'}): {ids}",
+            *[f"  - `{o['eval_image']}` ~ `{o['train_image']}` ({o['kind']}, {o['bits']} bits)"
+              for o in leak["overlaps"][:20]]]
+
+
 def markdown(metrics: dict, rows: list[dict]) -> str:
     head = "| group | n | " + " | ".join(METRICS) + " | closed chance |"
     lines = [f"# Evaluation: {metrics['model']}", "", f"Data: `{metrics['data']}`, {metrics['n']} questions, "
@@ -58,20 +187,19 @@ def markdown(metrics: dict, rows: list[dict]) -> str:
     if metrics["closed_chance"] is not None:
         lines += [f"Chance accuracy on the closed questions: {metrics['closed_chance']:.3f}.", ""]
     lines += ["The table is medvl's protocol (closed: the answer named alone, yes/no folded in Chinese "
-              "and English; open: character-level recall).", ""]
+              "and English; open: character-level recall), each score with its 95% interval (Wilson for "
+              "accuracies and exact match, percentile bootstrap for the others).", ""]
     if (lm := metrics.get("llava_med")) is not None:
         lines += [f"LLaVA-Med's protocol (its `run_eval.py`, comparable with published figures): closed "
                   f"accuracy {lm['closed_accuracy']:.3f} over the {lm['closed_counted']} of "
                   f"{lm['closed_total']} closed answers it counts, open recall {lm['open_recall']:.3f}.", ""]
     lines += [head, "|" + "---|" * (len(METRICS) + 3)]
-    groups = [("overall", metrics["overall"])]
-    for key in GROUPS:
-        groups += [(f"{key}: {v}", s) for v, s in metrics.get(f"by_{key}", {}).items()]
-    for name, s in groups:
-        cells = " | ".join(f"{s[m]:.3f}" if m in s else "–" for m in METRICS)
+    for name, s in named_groups(metrics).items():
+        cells = " | ".join(_cell(s, m) for m in METRICS)
         chance = f"{s['closed_chance']:.3f}" if "closed_chance" in s else "–"
         lines.append(f"| {name} | {s['n']} | {cells} | {chance} |")
-    lines += ["", "## Worst-scored examples", "", "| id | question | expected | predicted | note |",
+    lines += ["", *controls_markdown(metrics), *setup_markdown(metrics)]
+    lines += ["## Worst-scored examples", "", "| id | question | expected | predicted | note |",
               "|---|---|---|---|---|"]
     for r in worst(rows):
         cell = [str(x).replace("|", "\\|").replace("\n", " ") for x in
@@ -103,21 +231,30 @@ def bar_chart(metrics: dict) -> bytes:
     for key in GROUPS:
         by = metrics.get(f"by_{key}", {})
         if key != "task" or len(by) > 1:  # one task ("vqa") would only repeat "overall"
-            shown.update(by)
-    groups = {_tick(k, bool(cjk_fonts)): v for k, v in shown.items()}
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 3.5))
+            shown.update({f"{key}: {v}": s for v, s in by.items()})
+    ticks = [_tick(k.split(": ", 1)[-1], bool(cjk_fonts)) for k in shown]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(shown)), 3.5))
     width = 0.8 / len(PLOTTED)
-    for j, m in enumerate(PLOTTED):
-        ax.bar(np.arange(len(groups)) + j * width, [g.get(m, 0.0) for g in groups.values()], width, label=m)
+    for j, m in enumerate(PLOTTED):  # each bar with its 95% interval
+        vals = [g.get(m, 0.0) for g in shown.values()]
+        err = np.clip(np.array([[v - g[f"{m}_ci"][0], g[f"{m}_ci"][1] - v] if m in g else [0, 0]
+                                for v, g in zip(vals, shown.values(), strict=True)]).T, 0, None)  # float noise at 1.0
+        ax.bar(np.arange(len(shown)) + j * width, vals, width, yerr=err, capsize=2, label=m)
     label = "chance (closed)"
-    for i, g in enumerate(groups.values()):  # closed accuracy's chance level, over its group's bars
+    for i, g in enumerate(shown.values()):  # closed accuracy's chance level, over its group's bars
         if "closed_chance" in g:
             ax.hlines(g["closed_chance"], i - width / 2, i + 0.8 - width / 2, colors="black",
                       linestyles="--", linewidth=1, label=label)
             label = None  # one legend entry
-    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, list(groups), rotation=20)
+    for cond, marker in zip(metrics.get("controls") or {}, "xo", strict=False):  # closed accuracy without the image
+        pts = [(i, g["closed_accuracy"]) for i, name in enumerate(shown)
+               if "closed_accuracy" in (g := metrics["controls"][cond]["groups"].get(name, {}))]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), marker=marker, color="black", s=18, zorder=3,
+                       label=f"closed, {cond} image")
+    ax.set_xticks(np.arange(len(shown)) + 0.4 - width / 2, ticks, rotation=20)
     ax.set(ylim=(0, 1), ylabel="score", title="medvl eval")
-    ax.legend(fontsize=7, ncols=len(PLOTTED))
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the bars, not over them
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
@@ -125,13 +262,23 @@ def bar_chart(metrics: dict) -> bytes:
     return buf.getvalue()
 
 
-def write_report(rows: list[dict], output: str, meta: dict) -> dict:
-    metrics = {**meta, **aggregate(rows)}
+def write_report(rows: list[dict], output: str, meta: dict, tests: dict[str, dict] | None = None) -> dict:
+    """Write the four files; return ``metrics.json``'s content. ``rows`` hold every condition
+    (``condition``: image/blank/shuffled); the headline tables are the real images' answers.
+    ``tests``: condition -> group -> metric -> the paired test of image against that control."""
+    image = [r for r in rows if r.get("condition", "image") == "image"]
+    metrics = {**meta, **aggregate(image), "controls": {}}
+    for cond in CONTROLS:
+        if cond_rows := [r for r in rows if r.get("condition") == cond]:
+            metrics["controls"][cond] = {"groups": {k: summarize(v) for k, v in group_rows(cond_rows).items() if v},
+                                         "tests": (tests or {}).get(cond, {})}
+    metrics["control_notes"] = control_notes(metrics)
     storage.write_text(storage.join(output, "metrics.json"), json.dumps(metrics, ensure_ascii=False, indent=2))
-    storage.write_text(storage.join(output, "report.md"), markdown(metrics, rows))
+    storage.write_text(storage.join(output, "report.md"), markdown(metrics, image))
     storage.write_bytes(storage.join(output, "metrics.png"), bar_chart(metrics))
-    keep = ("id", "image", "modality", "answer_type", "question", "answer", "choices", "prediction",
-            "error", "scores")
+    keep = ("id", "condition", "image", "task", "modality", "answer_type", "question", "answer", "choices",
+            "prediction", "error", "scores")
     storage.write_text(storage.join(output, "predictions.jsonl"), "".join(
-        json.dumps({k: r[k] for k in keep}, ensure_ascii=False) + "\n" for r in rows))
+        json.dumps({k: r.get(k, "image" if k == "condition" else None) for k in keep}, ensure_ascii=False) + "\n"
+        for r in rows))
     return metrics

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from medvl.eval.compare import compare_runs
 from medvl.eval.evaluate import EvalConfig, evaluate
 from medvl.model.build import build_tiny
 from medvl.serving.engine import write_meta
@@ -23,9 +24,9 @@ def untrained(demo_dir, tmp_path_factory):
     return uri
 
 
-def run_eval(model: str, data: str, demo_dir, out) -> dict:
+def run_eval(model: str, data: str, demo_dir, out, **kw) -> dict:
     return evaluate(EvalConfig(model=model, data=data, image_root=str(demo_dir / "images"), output=str(out),
-                               batch_size=8, max_tokens=16, replicas=2, cpus_per_replica=0.5))
+                               batch_size=8, max_tokens=16, replicas=2, cpus_per_replica=0.5, **kw))
 
 
 def test_eval_is_deterministic_and_reports(stage2, demo_dir, tmp_path, s3_endpoint):
@@ -33,14 +34,14 @@ def test_eval_is_deterministic_and_reports(stage2, demo_dir, tmp_path, s3_endpoi
     from medvl import storage
 
     heldout = str(demo_dir / "instruction_heldout.jsonl")
-    a = run_eval(stage2["hf"], heldout, demo_dir, tmp_path / "a")
+    a = run_eval(stage2["hf"], heldout, demo_dir, tmp_path / "a", controls=False)  # controls: the next test
     s3 = f"{s3_endpoint}/eval-{tmp_path.name}"
     storage.copy_dir(stage2["hf"], f"{s3}/model")
     storage.copy_dir(str(demo_dir / "images"), f"{s3}/images")
     storage.write_text(f"{s3}/heldout.jsonl", (demo_dir / "instruction_heldout.jsonl").read_text())
     b = evaluate(EvalConfig(model=f"{s3}/model", data=f"{s3}/heldout.jsonl", image_root=f"{s3}/images",
                             output=f"{s3}/report", batch_size=8, max_tokens=16, replicas=2,
-                            cpus_per_replica=0.5, protocol="llava-med"))
+                            cpus_per_replica=0.5, protocol="llava-med", controls=False))
     assert a["n"] == len((demo_dir / "instruction_heldout.jsonl").read_text().splitlines()) and a["errors"] == 0
     assert (tmp_path / "a" / "predictions.jsonl").read_text() == storage.read_text(f"{s3}/report/predictions.jsonl")
     assert storage.exists(f"{s3}/report/report.md") and storage.exists(f"{s3}/report/metrics.png")
@@ -55,16 +56,44 @@ def test_eval_is_deterministic_and_reports(stage2, demo_dir, tmp_path, s3_endpoi
     assert set(a["by_answer_type"]) == {"closed", "open"}
 
 
+def test_controls_ask_every_question_three_ways(stage2, demo_dir, tmp_path):
+    """The synthetic findings can only be answered from the picture: with a blank image or
+    another record's, finding accuracy must not stay above chance, and the report must show
+    every condition, the intervals, the set-up, the split's hash and the leakage line."""
+    train = tmp_path / "train.jsonl"  # a slice of the training records: decoding its images is the cost
+    train.write_text("".join((demo_dir / "instruction_train.jsonl").read_text().splitlines(keepends=True)[:20]))
+    out = tmp_path / "out"
+    m = run_eval(stage2["hf"], str(demo_dir / "instruction_heldout.jsonl"), demo_dir, out,
+                 regime="fine-tuned", leakage_data=str(train))
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [sum(p["condition"] == c for p in preds) for c in ("image", "blank", "shuffled")] == [m["n"]] * 3
+    finding = {"image": m["by_task"]["finding"], **{c: m["controls"][c]["groups"]["task: finding"] for c in m["controls"]}}
+    print("finding:", {c: (g["closed_accuracy"], g["closed_accuracy_ci"]) for c, g in finding.items()},
+          "notes:", m["control_notes"], "leakage:", len(m["leakage"]["overlaps"]))
+    for cond in ("blank", "shuffled"):
+        assert finding[cond]["closed_accuracy_ci"][0] <= finding[cond]["closed_chance"], (cond, finding)
+        assert m["controls"][cond]["tests"]["task: finding"]["closed_accuracy"]["n"] == finding["image"]["n"]
+    flagged = finding["image"]["closed_accuracy_ci"][0] <= finding["image"]["closed_chance"]
+    assert flagged == any(n.startswith("task: finding: closed accuracy with the real images") for n in m["control_notes"])
+    report = (out / "report.md").read_text()
+    assert "## Image-dependence controls" in report and "regime: fine-tuned" in report
+    assert m["provenance"]["sha256"] in report and m["provenance"]["questions"] == m["n"]
+    assert m["leakage"]["checked"] and "- leakage: " in report
+
+
 def test_trained_model_beats_untrained_and_bad_inputs_are_counted(stage2, untrained, demo_dir, tmp_path):
     lines = (demo_dir / "instruction_heldout.jsonl").read_text().splitlines()
     broken = json.loads(lines[0]) | {"id": "broken", "image": "no-such-image.png"}
     data = tmp_path / "heldout+broken.jsonl"
     data.write_text("\n".join([*lines, json.dumps(broken, ensure_ascii=False)]) + "\n")
-    trained = run_eval(stage2["hf"], str(data), demo_dir, tmp_path / "trained")
-    base = run_eval(untrained, str(data), demo_dir, tmp_path / "untrained")
+    trained = run_eval(stage2["hf"], str(data), demo_dir, tmp_path / "trained", controls=False)
+    base = run_eval(untrained, str(data), demo_dir, tmp_path / "untrained", controls=False)
     assert trained["errors"] == base["errors"] == 1  # the missing image: scored wrong, listed, no crash
     preds = [json.loads(x) for x in (tmp_path / "trained" / "predictions.jsonl").read_text().splitlines()]
     assert [p["id"] for p in preds if p["error"]] == ["broken"]
     t, u = trained["overall"], base["overall"]
     assert t["closed_accuracy"] >= u["closed_accuracy"] + 0.2, (t, u)
     assert t["exact_match"] >= u["exact_match"] + 0.15, (t, u)  # untrained output is noise
+    paired = compare_runs(str(tmp_path / "untrained"), str(tmp_path / "trained"))["overall"]
+    assert paired["closed_accuracy"]["diff"] == pytest.approx(t["closed_accuracy"] - u["closed_accuracy"])
+    assert paired["closed_accuracy"]["p"] < 0.001 and paired["closed_accuracy"]["ci"][0] > 0

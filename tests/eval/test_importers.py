@@ -9,6 +9,7 @@ from PIL import Image
 
 from medvl.eval.evaluate import load_eval_records
 from medvl.eval.importers import import_vqa, pathvqa
+from medvl.eval.provenance import split_hash
 
 
 def _img(path):
@@ -85,6 +86,10 @@ def test_importer_fixture(fmt, make, tmp_path):
         for ex in examples:
             assert (src / ex["image"]).is_file(), ex["image"]
             assert ex["answer_type"] in ("closed", "open") and ex["question"] and ex["answer"]
+        prov = json.loads((tmp_path / f"{split}.provenance.json").read_text())
+        assert prov == {**prov, "format": fmt, "split": split, "questions": n, "missing_images": 0,
+                        "sha256": split_hash(examples, str(src))["sha256"]}
+        assert prov["images"] == len({ex["image"] for ex in examples}) and (src / prov["sources"][0]).is_file()
 
 
 def test_importer_reads_a_release_on_s3_and_writes_there(tmp_path, s3_endpoint):
@@ -98,6 +103,8 @@ def test_importer_reads_a_release_on_s3_and_writes_there(tmp_path, s3_endpoint):
     n = import_vqa("slake", str(src), str(local), "test")
     assert import_vqa("slake", f"{s3_endpoint}/slake-release", remote, "test") == n > 0
     assert storage.read_text(remote) == local.read_text()
+    assert json.loads(storage.read_text(f"{s3_endpoint}/slake-test.provenance.json"))["sha256"] == json.loads(
+        (tmp_path / "local.provenance.json").read_text())["sha256"]  # same release, same hash, wherever it lives
 
 
 def test_importer_fields(tmp_path):

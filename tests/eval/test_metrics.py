@@ -60,7 +60,8 @@ def test_score_picks_metrics_by_answer_type():
 
 
 def test_aggregate_and_chance_against_hand_computed_values():
-    from medvl.eval.report import aggregate
+    from medvl.eval.report import GROUPS, aggregate
+    from medvl.eval.stats import wilson
 
     def row(kind, modality, scores, choices=None, error=""):
         return {"answer_type": kind, "modality": modality, "scores": scores, "choices": choices, "error": error}
@@ -73,6 +74,12 @@ def test_aggregate_and_chance_against_hand_computed_values():
                            "rouge_l": 0.3}, error="no-such-image.png"),
     ]
     m = aggregate(rows)
+    assert m["overall"].pop("closed_accuracy_ci") == pytest.approx(list(wilson(2, 3)))
+    assert m["by_answer_type"]["closed"].pop("exact_match_ci") == pytest.approx(list(wilson(1, 3)))
+    for s in [m["overall"], *(g for key in GROUPS for g in m[f"by_{key}"].values())]:
+        for k in [k for k in s if k.endswith("_ci")]:  # every metric has its interval, around it
+            assert s[k][0] <= s[k.removesuffix("_ci")] + 1e-9 and s[k.removesuffix("_ci")] <= s[k][1] + 1e-9
+            del s[k]
     assert (m["n"], m["errors"]) == (4, 1)
     assert m["closed_chance"] == pytest.approx((1 / 2 + 1 / len(CHOICES) + 1 / 2) / 3)
     assert m["overall"] == pytest.approx({"n": 4, "closed_accuracy": 2 / 3, "exact_match": 1 / 4,
