@@ -11,6 +11,7 @@ timeout lets a server that drips one byte every few seconds hold a front thread 
 from __future__ import annotations
 
 import http.client
+import io
 import ipaddress
 import socket
 import ssl
@@ -91,6 +92,38 @@ class _PinnedTLS(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
+class _DeadlineIO(io.RawIOBase):
+    """The socket's reads, each waiting only for what is left of the fetch's deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float, timeout_s: float):
+        super().__init__()
+        self.sock, self.raw = sock, sock.makefile("rb", buffering=0)  # counted: close() waits for it
+        self.deadline, self.timeout_s = deadline, timeout_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int | None:
+        self.sock.settimeout(_left(self.deadline, self.timeout_s))
+        return self.raw.readinto(b)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """What the response reads through, status line and headers included: read under the
+    connection's one timeout, a server dripping a header line at a time held the fetch (and
+    a front thread) for as long as it liked."""
+
+    def __init__(self, sock: socket.socket, deadline: float, timeout_s: float):
+        self.sock, self.deadline, self.timeout_s = sock, deadline, timeout_s
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineIO(self.sock, self.deadline, self.timeout_s))
+
+
 def fetch(url: str, allowed: list[str], limit: int, timeout_s: float, allow_private: bool = False) -> bytes:
     """GET ``url``'s bytes (at most ``limit``), following up to ``MAX_REDIRECTS`` redirects,
     each checked as the first; ``FetchError`` otherwise. ``timeout_s`` bounds the whole fetch."""
@@ -103,17 +136,18 @@ def fetch(url: str, allowed: list[str], limit: int, timeout_s: float, allow_priv
         scheme, host, port = where
         ip = public_address(host, port, allow_private)
         conn = (_PinnedTLS if scheme == "https" else _Pinned)(host, port, ip, _left(deadline, timeout_s))
+        conn.response_class = lambda sock, **kw: http.client.HTTPResponse(  # noqa: B023 - used in this turn
+            _DeadlineSocket(sock, deadline, timeout_s), **kw)
         try:
             parts = urlsplit(url)
             conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
-            sock = conn.sock  # the response may take it over (HTTP/1.0: conn.sock becomes None)
             response = conn.getresponse()
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 url = urljoin(url, response.getheader("Location"))
                 continue
             if response.status != 200:
                 raise FetchError(400, f"image_url answered HTTP {response.status}", "image_fetch_failed")
-            return _read(response, sock, limit, deadline, timeout_s)
+            return _read(response, limit)
         except TimeoutError as e:  # every socket wait is what is left of the deadline
             raise FetchError(400, f"image_url not fetched within {timeout_s:g} s", "image_fetch_failed") from e
         except (OSError, http.client.HTTPException) as e:
@@ -124,14 +158,12 @@ def fetch(url: str, allowed: list[str], limit: int, timeout_s: float, allow_priv
     raise FetchError(400, f"image_url redirects more than {MAX_REDIRECTS} times", "image_fetch_failed")
 
 
-def _read(response: http.client.HTTPResponse, sock: socket.socket, limit: int,
-          deadline: float, timeout_s: float) -> bytes:
-    """The body, refused once past ``limit``; every read waits only for what is left of the deadline."""
+def _read(response: http.client.HTTPResponse, limit: int) -> bytes:
+    """The body, refused once past ``limit`` (its reads are bounded by ``_DeadlineIO``)."""
     if int(response.getheader("Content-Length") or 0) > limit:
         raise FetchError(413, f"image larger than {limit} bytes", "image_too_large")
     body = bytearray()
     while True:
-        sock.settimeout(_left(deadline, timeout_s))
         part = response.read1(READ_BYTES)
         if not part:
             return bytes(body)

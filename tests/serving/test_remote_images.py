@@ -39,6 +39,16 @@ def site():
                         time.sleep(0.25)
                 except ConnectionError:  # the client gave up, as it should
                     pass
+            elif self.path == "/drip-headers":  # a header line every 0.25 s, before any body
+                self.send_response_only(200)
+                self.flush_headers()
+                try:
+                    for i in range(20):
+                        self.wfile.write(f"X-Drip-{i}: x\r\n".encode())
+                        self.wfile.flush()
+                        time.sleep(0.25)
+                except ConnectionError:
+                    pass
             elif self.path == "/img.png":
                 self.send_response(200)
                 self.end_headers()
@@ -128,11 +138,13 @@ def test_non_public_addresses_are_refused(address):
     assert remote.public_address("93.184.215.14", 80, allow_private=False) == "93.184.215.14"
 
 
-def test_one_deadline_bounds_the_whole_fetch(site):
+@pytest.mark.parametrize("path", ["/drip", "/drip-headers"])
+def test_one_deadline_bounds_the_whole_fetch(site, path):
     """A 10 s timeout per socket read let a server that sends a byte every 0.25 s hold the
-    fetch for as long as it liked (here 5 s; a real one, forever)."""
+    fetch for as long as it liked (here 5 s; a real one, forever). The status line and
+    headers too: they were read under the timeout left when the connection opened, per read."""
     start = time.monotonic()
     with pytest.raises(APIError) as e:
-        image_bytes(f"{site.url}/drip", _cfg(f"127.0.0.1:{site.port}", image_fetch_timeout_s=1.0))
+        image_bytes(f"{site.url}{path}", _cfg(f"127.0.0.1:{site.port}", image_fetch_timeout_s=1.0))
     assert e.value.status == 400 and "within 1 s" in e.value.message
     assert time.monotonic() - start < 2.0
