@@ -147,4 +147,4 @@ def test_one_deadline_bounds_the_whole_fetch(site, path):
     with pytest.raises(APIError) as e:
         image_bytes(f"{site.url}{path}", _cfg(f"127.0.0.1:{site.port}", image_fetch_timeout_s=1.0))
     assert e.value.status == 400 and "within 1 s" in e.value.message
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 4.0  # the drip lasts 5 s: cut short, with room for a loaded machine
