@@ -16,6 +16,7 @@ import zlib
 
 import numpy as np
 import pydicom
+from pydicom.encaps import get_frame
 from pydicom.filebase import DicomBytesIO
 
 # pydicom's own pixel module reads the file meta and the header this way (pixels/utils.py)
@@ -27,6 +28,12 @@ from pydicom.pixels import (
     convert_color_space,
     pixel_array,
 )
+from pydicom.uid import (
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+    RLELossless,
+)
 
 from medvl.data.limits import ImageError, ImageSpec, check_size
 
@@ -34,6 +41,8 @@ PERCENTILES = (0.5, 99.5)
 HEADER_BYTES = 1 << 20  # a deflated file's elements before its pixel data, inflated: far above real headers
 TRAILER_BYTES = 1 << 16  # and after them (padding, signatures)
 PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+# JPEG's start-of-frame markers (T.81: C0-CF but DHT C4, JPG C8, DAC CC) and JPEG-LS's SOF55
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
 
 
 def _scale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -141,14 +150,67 @@ def dicom_to_array(data: bytes, spec: ImageSpec) -> np.ndarray:
         raise ImageError("burned_in_annotation", "BurnedInAnnotation is YES: its pixels carry patient text")
     check_size(cols, rows, spec)
     try:
+        _check_frame(ds, rows, cols)
         arr = pixel_array(ds, index=0 if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None)
         samples = int(ds.get("SamplesPerPixel", 1))
         photometric = str(ds.get("PhotometricInterpretation", ""))
         if samples == 1 and photometric != "PALETTE COLOR":
             return _monochrome(ds, arr)
         return _colour(ds, arr)
+    except ImageError:
+        raise
     except Exception as e:  # noqa: BLE001 - missing codecs, truncated pixel data, ...
         raise ImageError("corrupt_image", f"cannot decode DICOM pixels: {type(e).__name__}: {e}") from e
+
+
+def _check_frame(ds: pydicom.Dataset, rows: int, cols: int) -> None:
+    """The first frame's compressed stream against the header's Rows x Columns, before it is
+    decoded. Decoders size their output from the stream's own header: a 20 KB JPEG Lossless
+    frame saying 20000x20000 behind a 16x16 header took 39 s and 2.3 GB before the mismatch
+    showed. pydicom's RLE decoder expands every run a segment holds (7 MB of runs: 448 MB
+    and 2.4 s for a 16x16 image), so a segment may be no longer than its rows need."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_encapsulated:
+        return
+    frame = get_frame(ds.PixelData, 0, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1))
+    if syntax == RLELossless:
+        segments = int(ds.get("SamplesPerPixel", 1)) * ((int(ds.get("BitsAllocated", 8)) + 7) // 8)
+        per_segment = rows * (cols + (cols + 127) // 128) + 1  # each row a literal run at worst
+        if len(frame) > 64 + segments * per_segment:
+            raise ImageError("image_too_large", f"{len(frame)} bytes of RLE for {segments} segment(s) of "
+                                                f"{cols}x{rows}, which need at most {segments * per_segment}")
+        return
+    if syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
+        size = _jpeg_size(frame)
+    elif syntax in JPEG2000TransferSyntaxes:
+        size = _j2k_size(frame)
+    else:
+        return
+    if size != (rows, cols):
+        raise ImageError("corrupt_image", f"the compressed frame is {size[1]}x{size[0]}, the header says "
+                                          f"{cols}x{rows}" if size else "no frame size in the compressed frame")
+
+
+def _jpeg_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG or JPEG-LS stream's start-of-frame segment."""
+    at = 2 if frame[:2] == b"\xff\xd8" else len(frame)
+    while at + 9 <= len(frame) and frame[at] == 0xFF:
+        marker = frame[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+        elif marker in SOF_MARKERS:
+            return struct.unpack(">HH", frame[at + 5:at + 9])
+        else:
+            at += 2 + struct.unpack(">H", frame[at + 2:at + 4])[0]
+    return None
+
+
+def _j2k_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG 2000 codestream's SIZ segment, which follows its SOC."""
+    if frame[:4] != b"\xff\x4f\xff\x51" or len(frame) < 24:
+        return None
+    x, y, x0, y0 = struct.unpack(">4I", frame[8:24])
+    return y - y0, x - x0
 
 
 def _read(data: bytes, spec: ImageSpec) -> pydicom.Dataset:
