@@ -52,3 +52,34 @@ def test_peak_running_counts_overlaps_only():
     assert peak_running([(0, 1), (1, 2), (2, 3)]) == 1  # back to back: one CPU
     assert peak_running([(0, 3), (1, 2), (1.5, 4), (3.5, 5)]) == 3
     assert peak_running([]) == 0
+
+
+@pytest.mark.parametrize("n", [0, 1, 37, 1000])
+def test_chunks_cover_every_line_once_and_the_index_stays_bounded(tmp_path, monkeypatch, n):
+    """Past MAX_MARKS offsets the index halves them: chunks of any size still cover every
+    non-blank line exactly once, with its own line number, in at most ``max_chunk_lines``."""
+    from medvl.data import sources
+
+    monkeypatch.setattr(sources, "MAX_MARKS", 16)
+    lines = ["" if i % 9 == 4 else json.dumps({"id": i, "t": "影像" * (i % 5)}, ensure_ascii=False) for i in range(n)]
+    (tmp_path / "r.jsonl").write_text("\n".join(lines))  # no final newline
+    raw = sources.open_records(str(tmp_path / "r.jsonl"), str(tmp_path), 100)
+    assert len(raw.marks) <= 16 and raw.records == sum(1 for t in lines if t)
+    expected = [(i + 1, t) for i, t in enumerate(lines) if t]
+    for size in (1, 3, 64, 10_000):
+        chunks = raw.chunks(size)
+        got = [(int(n_), str(t)) for c in chunks for table in sources.read_chunk(raw.uri, c)
+               for n_, t in zip(table["line"].to_pylist(), table["text"].to_pylist(), strict=True)]
+        assert got == expected
+        data = (tmp_path / "r.jsonl").read_bytes()
+        spans = [len(data[c.offset:c.offset + c.size].splitlines()) for c in chunks]
+        assert min(spans, default=1) > 0 and max(spans, default=0) <= max(min(size, 100), raw.step)
+
+
+def test_chunk_lines_gives_every_cpu_work():
+    from medvl.data.sources import chunk_lines
+
+    assert chunk_lines(8, 4, 1024) == 2  # 2 x CPUs records: one chunk per CPU
+    assert chunk_lines(2000, 2, 1024) == 250  # 4 chunks per CPU
+    assert chunk_lines(2000, 16, 1024) == 64  # never below 64 lines when every CPU still gets one
+    assert chunk_lines(580_014, 16, 1024) == 1024  # at most shard_records
