@@ -71,7 +71,9 @@ def smoke_recipe(out: Path, towers: tuple[str, str], cpu: bool, port: int) -> Pa
         doc[name].update(image_size=size, num_image_tokens=tokens, max_length=length)
     gpu = {} if cpu else {"use_gpu": True, "num_workers": 1, "cpus_per_worker": 4, "bf16": True}
     for stage in ("stage1", "stage2"):
-        doc[stage].update(vision_tower=towers[0], llm=towers[1], max_steps=STEPS, checkpoint_every=10,
+        # epochs=STEPS: every epoch has a step, so max_steps is reached whatever the batch (the
+        # demo's 85 captions at 32 a step are 3 steps an epoch: 3 epochs stopped stage 1 at 9).
+        doc[stage].update(vision_tower=towers[0], llm=towers[1], max_steps=STEPS, epochs=STEPS, checkpoint_every=10,
                           log_every=10, gradient_checkpointing=stage == "stage2", **gpu)
     doc["stage1"].update(batch_size=4 if cpu else 32)
     doc["stage2"].update(batch_size=4 if cpu else 16)

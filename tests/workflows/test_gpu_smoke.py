@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import free_port
-
-pytestmark = pytest.mark.slow  # trains both stages and starts Serve
 
 REPO = Path(__file__).parents[2]
 
 
+@pytest.mark.slow  # trains both stages and starts Serve
 def test_cpu_smoke_passes_every_step(ray_head, tmp_path):
     out = tmp_path / "smoke"
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}  # a cluster's driver, as under `ray job submit`
@@ -29,3 +29,20 @@ def test_cpu_smoke_passes_every_step(ray_head, tmp_path):
         metrics = [json.loads(x) for x in (out / "run" / stage / "metrics.jsonl").read_text().splitlines()]
         assert metrics[-1]["step"] == 12 and report[f"{stage}_figures"]["step_s"] > 0
     assert "[smoke] all steps passed" in proc.stdout
+
+
+def test_gpu_recipe_trains_each_stage_past_the_first_metrics_window(tmp_path):
+    """At the GPU sizes (batch 32 and 16 on one worker) each stage still runs STEPS steps on the
+    demo corpus the recipe builds: past step 10's metrics window and checkpoint."""
+    from medvl.data.demo import build_demo_data
+    from medvl.train.feed import FeedPlan
+    from workflows.gpu_smoke import STEPS, smoke_recipe
+
+    doc = yaml.safe_load(smoke_recipe(tmp_path, ("vision", "llm"), cpu=False, port=free_port()).read_text())
+    counts = build_demo_data(str(tmp_path / "demo"), variants=doc["demo_data"]["variants"])
+    for stage, records in (("stage1", "alignment_train"), ("stage2", "instruction_train")):
+        s = doc[stage]
+        plan = FeedPlan(shards=("x",), shard_rows=(counts[records],), world=s["num_workers"],
+                        share=s["batch_size"] * s.get("grad_accum", 1), seed=0, epochs=s["epochs"],
+                        group_by_length=False, max_steps=s["max_steps"])
+        assert plan.steps == STEPS, (stage, counts[records], s["batch_size"], s["epochs"])
