@@ -44,20 +44,22 @@ STEPS = 12  # per stage: past the first metrics window (log_every 10) and a chec
 
 
 def write_towers(out: Path, cpu: bool) -> tuple[str, str]:
-    """Random-init CLIP vision tower and Llama LLM saved as HF directories (bf16 on GPU), so
-    the workers load them the way they load real weights."""
+    """Random-init CLIP vision tower and Llama LLM saved as HF directories (bf16 for the GPU
+    run), so the workers load them the way they load real weights. Built on the host even
+    for the GPU run: this process lives on as the pipeline's driver, and a CUDA context with
+    the allocator's cached ~6 GB of init tensors would sit on the GPU beside the workers and
+    under vLLM's start-up check of free memory (gpu_memory_utilization of the whole card)."""
     import torch
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
     from benchmarks.gpu_mfu import shapes
 
     vision_cfg, text_cfg = shapes(smoke=cpu)  # the LLM's vocabulary becomes the demo tokenizer's
-    device, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.bfloat16)
+    dtype = torch.float32 if cpu else torch.bfloat16
     dirs = (out / "towers" / "vision", out / "towers" / "llm")
     for cls, cfg, d in ((CLIPVisionModel, vision_cfg, dirs[0]), (LlamaForCausalLM, text_cfg, dirs[1])):
-        with torch.device(device):
-            torch.manual_seed(0)
-            cls(cfg).to(dtype).save_pretrained(d)
+        torch.manual_seed(0)
+        cls(cfg).to(dtype).save_pretrained(d)
     return str(dirs[0]), str(dirs[1])
 
 

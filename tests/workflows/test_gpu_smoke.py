@@ -46,3 +46,21 @@ def test_gpu_recipe_trains_each_stage_past_the_first_metrics_window(tmp_path):
                         share=s["batch_size"] * s.get("grad_accum", 1), seed=0, epochs=s["epochs"],
                         group_by_length=False, max_steps=s["max_steps"])
         assert plan.steps == STEPS, (stage, counts[records], s["batch_size"], s["epochs"])
+
+
+
+def test_gpu_mode_writes_bf16_towers_without_touching_the_gpu(tmp_path, monkeypatch):
+    """The smoke process lives on as the pipeline's driver: its towers are built on the host
+    (here, with no CUDA at all), never leaving a CUDA context and cached memory on the GPU the
+    workers and vLLM need. The tiny shapes stand in for the real ones (size is not checked)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from benchmarks import gpu_mfu
+    from workflows.gpu_smoke import write_towers
+
+    real = gpu_mfu.shapes
+    monkeypatch.setattr(gpu_mfu, "shapes", lambda smoke: real(smoke=True))
+    for d in write_towers(tmp_path, cpu=False):
+        assert {t.dtype for t in load_file(Path(d) / "model.safetensors").values()} == {torch.bfloat16}
+    assert not torch.cuda.is_initialized()
