@@ -127,12 +127,15 @@ def device_capacity(use_gpu: bool, workers_here: int) -> int:
 
 
 def worst_case_batch(model, tok, rows: int, max_length: int) -> dict[str, torch.Tensor]:
-    """``rows`` full-length rows as the collate makes them: BOS, the image's tokens, then text
-    up to ``max_length`` (the image included, as preprocessing counts it), all of it labelled."""
+    """``rows`` full-length rows as the collate makes them: BOS, the image's tokens, then text,
+    all of it labelled. Full length as preprocessing allows it: ``max_length`` counts the image
+    as one token (LLaVA's ``model_max_length``), so a stored row holds ``max_length - 1 + n``
+    positions (2623 at 2048 and 576 image tokens, not 2048)."""
     n, vocab = model.config.image_seq_length, model.config.text_config.vocab_size
     special = {image_token_id(tok), tok.pad_token_id}
-    text = torch.randint(3, vocab, (rows, max_length - 1 - n))
-    text[torch.isin(text, torch.tensor(sorted(special)))] = 3
+    text = torch.randint(3, vocab, (rows, max_length - 2))  # + BOS = max_length - 1 text tokens
+    filler = min({3, 4, 5} - special)  # a plain token: the pad id may be 3 (the demo tokenizer's is)
+    text[torch.isin(text, torch.tensor(sorted(special)))] = filler
     ids = torch.cat([torch.full((rows, 1), tok.bos_token_id or 1), torch.full((rows, n), image_token_id(tok)),
                      text], dim=1)
     labels = ids.clone()

@@ -19,12 +19,15 @@ from tests.conftest import stage1_cfg
 def test_worst_case_batch_is_full_length_with_an_image_per_row_all_text_labelled(bpe_tokenizer):
     model = build_tiny(bpe_tokenizer)
     n = model.config.image_seq_length
-    batch = worst_case_batch(model, bpe_tokenizer, rows=3, max_length=64)
-    assert batch["input_ids"].shape == (3, 64) and batch["attention_mask"].all()
+    # 40 rows: ~2,500 random text tokens, so a filler equal to the pad id (3 in the demo
+    # tokenizer; the replaced ids were set to 3) shows every time, not one run in two.
+    batch = worst_case_batch(model, bpe_tokenizer, rows=40, max_length=64)
+    # As long as preprocessing stores a row: max_length counts the image as one token.
+    assert batch["input_ids"].shape == (40, 64 - 1 + n) and batch["attention_mask"].all()
     assert ((batch["input_ids"] == image_token_id(bpe_tokenizer)).sum(dim=1) == n).all()
     assert (batch["labels"][:, : 1 + n] == IGNORE).all() and (batch["labels"][:, 1 + n:] != IGNORE).all()
     assert not (batch["input_ids"][:, 1 + n:] == bpe_tokenizer.pad_token_id).any()
-    assert batch["pixels"].shape == (3, 32, 32, 3) and batch["pixels"].dtype == torch.uint8
+    assert batch["pixels"].shape == (40, 32, 32, 3) and batch["pixels"].dtype == torch.uint8
 
 
 @pytest.mark.slow
