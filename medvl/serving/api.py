@@ -12,6 +12,7 @@ import binascii
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -157,8 +158,10 @@ def image_bytes(url: str, cfg: ServeConfig) -> tuple[bytes, str]:
     return data, "upload.dcm" if (m["mime"] or "").lower() == "application/dicom" else "upload"
 
 
-def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
-    """Messages -> (question, answer) turns for the template, plus the single image."""
+def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig, special: Sequence[str] = ()) -> Request:
+    """Messages -> (question, answer) turns for the template, plus the single image.
+    ``<image>`` and the ``special`` tokens (the tokenizer's) are removed from every turn:
+    typed by a client, ``</s>`` or ``<|im_start|>`` became the very ids that delimit turns."""
     if req.model != cfg.model_name:
         raise APIError(404, f"model {req.model!r} does not exist; this server has {cfg.model_name!r}",
                        code="model_not_found")
@@ -180,7 +183,7 @@ def to_engine_request(req: ChatCompletionRequest, cfg: ServeConfig) -> Request:
             image, image_name = image_bytes(part.image_url.url, cfg)
         if msg.role in ("system", "developer"):
             continue  # the template carries the system prompt the model was trained with
-        text = strip_image_tags(text)
+        text = strip_image_tags(text, (IMAGE, *special))
         if msg.role == "user":
             question.append(text)
         elif question:
@@ -204,18 +207,22 @@ def _text(msg: Message) -> str:
     return msg.content or ""
 
 
-def strip_image_tags(text: str) -> str:
-    """``text`` with every ``<image>`` removed to a fixed point, so a literal one typed by a
-    user never becomes image tokens: one pass of ``replace`` turns ``<im<image>age>`` into
-    ``<image>``. One linear scan: a tag completed by the character just kept is dropped at
-    once, so no tag can survive (a pass per nesting level would be quadratic)."""
-    if IMAGE not in text:
+def strip_image_tags(text: str, tags: Sequence[str] = (IMAGE,)) -> str:
+    """``text`` with every ``<image>`` (and every other tag of ``tags``) removed to a fixed
+    point, so a literal one typed by a user never becomes image tokens: one pass of
+    ``replace`` turns ``<im<image>age>`` into ``<image>``. One linear scan: a tag completed by
+    the character just kept is dropped at once, so no tag can survive (a pass per nesting
+    level would be quadratic)."""
+    tags = [t for t in tags if t]
+    if not any(t in text for t in tags):  # nothing to remove, so no removal can form a tag
         return text
     out: list[str] = []
     for ch in text:
         out.append(ch)
-        if ch == IMAGE[-1] and "".join(out[-len(IMAGE):]) == IMAGE:
-            del out[-len(IMAGE):]
+        for tag in tags:
+            if ch == tag[-1] and "".join(out[-len(tag):]) == tag:
+                del out[-len(tag):]
+                break
     return "".join(out)
 
 

@@ -292,7 +292,7 @@ class ChatDeployment:
         return completion_body(chunk.result, self.cfg.model_name)
 
     def _prepare(self, body: ChatCompletionRequest) -> Prepared:
-        req = to_engine_request(body, self.cfg)
+        req = to_engine_request(body, self.cfg, self.preparer.tok.all_special_tokens)
         try:
             prepared = self.preparer.prepare(req, self.cfg.max_image_pixels, self.cfg.allow_burned_in_annotation)
         except ImageError as e:
