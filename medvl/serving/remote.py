@@ -61,12 +61,26 @@ def public_address(host: str, port: int, allow_private: bool) -> str:
         raise FetchError(400, f"image_url host {host!r} does not resolve: {e}", "image_fetch_failed") from e
     addresses = [info[4][0] for info in infos]
     for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
-        ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
-        if not allow_private and (not ip.is_global or ip.is_multicast):
-            raise FetchError(400, f"image_url host {host!r} resolves to {ip}, a non-public address",
-                             "invalid_image_url")
+        for ip in _carried(ipaddress.ip_address(address.split("%")[0])):
+            if not allow_private and (not ip.is_global or ip.is_multicast):
+                raise FetchError(400, f"image_url host {host!r} resolves to {ip}, a non-public address",
+                                 "invalid_image_url")
     return addresses[0]
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: a gateway forwards to the last 32 bits
+
+
+def _carried(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list:
+    """``ip`` and the IPv4 address an IPv6 one hands on (mapped ``::ffff:127.0.0.1``, 6to4
+    ``2002:a00:1::``, NAT64 ``64:ff9b::a9fe:a9fe``): the prefixes count as global, the
+    IPv4 address behind them may be private or the metadata service."""
+    if ip.version == 4:
+        return [ip]
+    if ip.ipv4_mapped:  # the IPv4 address itself, reached over an IPv6 socket
+        return [ip.ipv4_mapped]
+    carried = [ip.sixtofour, ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in NAT64 else None]
+    return [ip, *(v4 for v4 in carried if v4 is not None)]
 
 
 class _Pinned(http.client.HTTPConnection):

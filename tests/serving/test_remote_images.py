@@ -130,12 +130,14 @@ def test_an_allowed_name_that_resolves_to_loopback_is_refused(site):
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "169.254.169.254", "224.0.0.1", "0.0.0.0",
-                                     "240.0.0.1", "::1", "fe80::1", "::ffff:127.0.0.1", "100.64.0.1"])
+                                     "240.0.0.1", "::1", "fe80::1", "::ffff:127.0.0.1", "100.64.0.1",
+                                     "64:ff9b::a9fe:a9fe", "2002:a00:1::1"])  # NAT64, 6to4 to IPv4
 def test_non_public_addresses_are_refused(address):
     with pytest.raises(remote.FetchError) as e:
         remote.public_address(address, 80, allow_private=False)
     assert e.value.code == "invalid_image_url"
-    assert remote.public_address("93.184.215.14", 80, allow_private=False) == "93.184.215.14"
+    for public in ("93.184.215.14", "::ffff:93.184.215.14", "64:ff9b::5db8:d70e", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"):
+        assert remote.public_address(public, 80, allow_private=False) == public
 
 
 @pytest.mark.parametrize("path", ["/drip", "/drip-headers"])
