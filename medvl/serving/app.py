@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -123,14 +123,22 @@ def _replica_lost(e: Exception) -> APIError:
                          "retry", "server_error", "model_unavailable")
 
 
-async def _then(chunks: AsyncIterator[str], release) -> AsyncIterator[str]:
-    """``chunks``, then ``release()``, however the stream ends (a client gone included).
-    Defined above the ingress class: ``serve.ingress`` copies the class when it is declared."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    finally:
-        release()
+class _Stream(StreamingResponse):
+    """An SSE stream that calls ``release()`` once it has been sent or abandoned. Around the
+    whole ASGI call, not in the body iterator: a client gone while the headers go out cancels
+    the stream before its iterator starts, and a generator never started runs no ``finally``
+    (its key's slot was lost for good). Defined above the ingress class: ``serve.ingress``
+    copies the class when it is declared."""
+
+    def __init__(self, chunks: AsyncIterator[str], release: Callable[[], None]):
+        super().__init__(chunks, media_type="text/event-stream")
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 @serve.deployment(name="MedVLModel", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -264,9 +272,8 @@ class ChatDeployment:
             release()
             raise
         if isinstance(response, StreamingResponse):
-            response.body_iterator = _then(response.body_iterator, release)
-        else:
-            release()
+            return _Stream(response.body_iterator, release)
+        release()
         return response
 
     async def _answer(self, request: Request):
