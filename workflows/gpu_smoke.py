@@ -5,14 +5,18 @@ ViT-L/14-336 + ``mlp2x_gelu`` + a 1.1B Llama-2-style LLM) runs, in order, what a
 recipe runs, with the recipe's settings, not a benchmark's building blocks:
 
 1. ``model``: random-init towers written as HF directories (``vision_tower`` / ``llm``).
-2. ``probe``: ``medvl train --probe`` for both stages: one worst-case batch (max length x
-   batch size), forward and backward on the real engine, peak memory against capacity.
-3. The pipeline on the demo corpus (real DICOM files): preprocessing at 336 px and max
-   length 2048, stage 1 (ZeRO-2) and stage 2 (ZeRO-3, bf16, gradient checkpointing) on Ray
-   Train with NCCL for ``STEPS`` steps each (past the first metrics window and a checkpoint),
-   evaluation with one model actor, the export, and Serve (vLLM where it imports, else
-   ours) answering one real request through the ``openai`` client.
-4. ``mfu``: stage-2 step time and MFU, ZeRO-3 with and without checkpointing, at max length
+2. ``data``: the pipeline's first steps, the demo corpus (real DICOM files) preprocessed at
+   336 px and max length 2048; then ``probe 1``: ``medvl train --probe`` for stage 1, one
+   worst-case batch (max length x batch size), forward and backward on the real engine,
+   peak memory against capacity.
+3. ``stage1``: the pipeline through stage 1 (ZeRO-2), whose model stage 2 starts from; then
+   ``probe 2``, the same for stage 2.
+4. ``pipeline``: the rest of the recipe (completed steps are skipped): stage 2 (ZeRO-3,
+   bf16, gradient checkpointing), each stage on Ray Train with NCCL for ``STEPS`` steps (past
+   the first metrics window and a checkpoint), evaluation with one model actor, the export,
+   and Serve (vLLM where it imports, else ours) answering one real request through the
+   ``openai`` client.
+5. ``mfu``: stage-2 step time and MFU, ZeRO-3 with and without checkpointing, at max length
    (``benchmarks/gpu_mfu.py``'s runs).
 
 It prints one PASS/FAIL line per step as it goes and then a table (GiB per GPU per phase,
@@ -103,18 +107,21 @@ def probe(recipe: Path, stage: int) -> dict:
     return {"output": proc.stdout.strip().splitlines()[-1:]}
 
 
-def pipeline(recipe: Path) -> dict:
-    """Every step of the recipe, as ``ray job submit`` runs it; the steps' statuses."""
+def pipeline(recipe: Path, until: str | None = None) -> dict:
+    """The recipe's steps up to ``until`` (all by default), as ``ray job submit`` runs them;
+    steps a previous call completed are skipped. The deployed model's answer, after all."""
     from medvl.pipeline import run_pipeline
 
     try:
-        summary = run_pipeline(str(recipe))
+        summary = run_pipeline(str(recipe), until=until)
     finally:
         _stop_serving()
-    failed = [s for s, v in summary["steps"].items() if v["status"] not in ("ran", "skipped")]
+    names = list(summary["steps"])
+    wanted = names[: names.index(until) + 1] if until else names
+    failed = [s for s in wanted if summary["steps"][s]["status"] not in ("ran", "skipped")]
     if failed:
         raise RuntimeError(f"steps not run: {', '.join(failed)}")
-    return {"answer": summary["sample"]["answer"]}
+    return {} if until else {"answer": summary["sample"]["answer"]}
 
 
 def _stop_serving() -> None:
@@ -191,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {}
     towers = check("model", lambda: write_towers(out, args.cpu), report)
     recipe = smoke_recipe(out, towers or ("", ""), args.cpu, args.port)
-    for stage in (1, 2):
+    # Each probe reads what its stage reads (the data's manifest; stage 2 also stage 1's model),
+    # so the pipeline runs up to there first, as a user would; later calls skip completed steps.
+    for name, until, stage in (("data", "preprocess-instruction", 1), ("stage1", "stage1", 2)):
+        check(name, lambda u=until: pipeline(recipe, until=u), report)
         check(f"probe {stage}", lambda s=stage: probe(recipe, s), report)
     check("pipeline", lambda: pipeline(recipe), report)
     rows = check("mfu", lambda: mfu(args.cpu), report)
