@@ -47,6 +47,20 @@ sys.path.insert(0, str(REPO))  # benchmarks/ (the MFU runs) beside the installed
 STEPS = 12  # per stage: past the first metrics window (log_every 10) and a checkpoint at 10
 
 
+def device(cpu: bool) -> dict:
+    """The GPU run's first question: does this torch see the GPU? Its CUDA build needs a driver
+    that supports it (constraints-gpu.txt's CUDA 13 wheels: driver 580 or newer); an older one
+    leaves ``torch.cuda.is_available()`` False and every GPU step would fail for that reason."""
+    import torch
+
+    if cpu:
+        return {"device": "cpu"}
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU: does the "
+                           f"NVIDIA driver support CUDA {torch.version.cuda}? (nvidia-smi shows its version)")
+    return {"device": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
+
+
 def write_towers(out: Path, cpu: bool) -> tuple[str, str]:
     """Random-init CLIP vision tower and Llama LLM saved as HF directories (bf16 for the GPU
     run), so the workers load them the way they load real weights. Built on the host even
@@ -80,7 +94,7 @@ def smoke_recipe(out: Path, towers: tuple[str, str], cpu: bool, port: int) -> Pa
         # epochs=STEPS: every epoch has a step, so max_steps is reached whatever the batch (the
         # demo's 85 captions at 32 a step are 3 steps an epoch: 3 epochs stopped stage 1 at 9).
         doc[stage].update(vision_tower=towers[0], llm=towers[1], max_steps=STEPS, epochs=STEPS, checkpoint_every=10,
-                          log_every=10, gradient_checkpointing=stage == "stage2", **gpu)
+                          keep_checkpoints=1, log_every=10, gradient_checkpointing=stage == "stage2", **gpu)
     doc["stage1"].update(batch_size=4 if cpu else 32)
     doc["stage2"].update(batch_size=4 if cpu else 16)
     doc["eval"].update(limit=8, replicas=1, cpus_per_replica=0.5, **({} if cpu else {"use_gpu": True}))
@@ -196,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)
     report: dict = {}
+    check("device", lambda: device(args.cpu), report)
     towers = check("model", lambda: write_towers(out, args.cpu), report)
     recipe = smoke_recipe(out, towers or ("", ""), args.cpu, args.port)
     # Each probe reads what its stage reads (the data's manifest; stage 2 also stage 1's model),

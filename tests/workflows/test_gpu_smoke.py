@@ -23,7 +23,7 @@ def test_cpu_smoke_passes_every_step(ray_head, tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((out / "smoke.json").read_text())
-    assert [k for k, v in report.items() if "ok" in v] == ["model", "data", "probe 1", "stage1", "probe 2", "pipeline", "mfu"]
+    assert [k for k, v in report.items() if "ok" in v] == ["device", "model", "data", "probe 1", "stage1", "probe 2", "pipeline", "mfu"]
     assert all(v["ok"] for v in report.values() if "ok" in v)
     for stage in ("stage1", "stage2"):  # past the first metrics window (step 10) and its checkpoint
         metrics = [json.loads(x) for x in (out / "run" / stage / "metrics.jsonl").read_text().splitlines()]
