@@ -57,10 +57,12 @@ vllm-check: setup vllm
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python tests/serving/vllm_parity.py front \
 		--model $(DEMO)/model --answers $(DEMO)/vllm_answers.json
 
-# One GPU, under 8 minutes: the real path (NCCL, ZeRO-2/3, probe, export, eval, Serve) on a
+# One GPU, minutes: the real path (NCCL, ZeRO-2/3, probe, export, eval, Serve) on a
 # random-init model of the real shape; its CPU mode runs inside `make test` (workflows/gpu_smoke.py).
-gpu-smoke: setup
-	$(PY) workflows/gpu_smoke.py --out runs/gpu-smoke | tee runs/gpu-smoke.txt
+# It runs in the GPU environment you installed (README), not in the CPU-only .venv.
+GPU_PY ?= python3
+gpu-smoke:
+	$(GPU_PY) workflows/gpu_smoke.py --out runs/gpu-smoke
 
 bench: setup
 	$(PY) benchmarks/preprocess.py
