@@ -26,7 +26,7 @@ import torch
 from medvl import storage
 from medvl.data.tokenize import IGNORE
 from medvl.placement import Placement, check_accelerator, train_scaling
-from medvl.preflight import check_inputs, check_shared_storage
+from medvl.preflight import check_shared_storage
 from medvl.tokenizer import image_token_id
 from medvl.train.config import TrainConfig
 
@@ -41,14 +41,9 @@ def probe(cfg: TrainConfig, placement: Placement | None = None, capacity_gib: fl
     from ray.train.torch import TorchTrainer
 
     from medvl.console import init_ray
-    from medvl.train.trainer import URI_FIELDS, read_manifest
+    from medvl.train.trainer import checked_inputs, read_manifest
 
-    for name in ("data", "output"):
-        if not getattr(cfg, name):
-            raise ValueError(f"train --probe: `{name}` is required")
-    cfg = dataclasses.replace(cfg, **{k: storage.absolute(getattr(cfg, k)) for k in URI_FIELDS})
-    check_inputs({"data": storage.join(cfg.data, "manifest.json"), "init": cfg.init, "tokenizer": cfg.tokenizer,
-                  "vision_tower": cfg.vision_tower, "llm": cfg.llm}, outputs=(cfg.output,))
+    cfg = checked_inputs(cfg, "train --probe")
     init_ray()
     out = storage.join(cfg.output, "probe")
     check_shared_storage(cfg.output)  # the ranks write their figures there

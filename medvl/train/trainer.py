@@ -45,18 +45,24 @@ def feed_plan(cfg: TrainConfig, manifest: dict) -> FeedPlan:
                     group_by_length=cfg.group_by_length, max_steps=cfg.max_steps)
 
 
+def checked_inputs(cfg: TrainConfig, command: str) -> TrainConfig:
+    """``cfg`` with absolute URIs, once its required fields are set and its inputs exist (one
+    line and exit 2 otherwise, before Ray starts): what training and its probe both need."""
+    for name in ("data", "output"):
+        if not getattr(cfg, name):
+            raise ValueError(f"{command}: `{name}` is required")
+    cfg = dataclasses.replace(cfg, **{k: storage.absolute(getattr(cfg, k)) for k in URI_FIELDS})
+    check_inputs({"data": storage.join(cfg.data, "manifest.json"), "init": cfg.init, "tokenizer": cfg.tokenizer,
+                  "vision_tower": cfg.vision_tower, "llm": cfg.llm}, outputs=(cfg.output,))
+    return cfg
+
+
 def train(cfg: TrainConfig, placement: Placement | None = None, resume: bool = False,
           overwrite: bool = False) -> dict:
     """Run one stage on the recipe's training nodes; return a summary (steps, first/last loss,
     exported model URI). An output holding a run of another config is an error unless
     ``resume`` (continue it with its saved config) or ``overwrite`` (delete it first)."""
-    for name in ("data", "output"):
-        if not getattr(cfg, name):
-            raise ValueError(f"train: `{name}` is required")
-    cfg = dataclasses.replace(cfg, **{k: storage.absolute(getattr(cfg, k)) for k in URI_FIELDS})
-    check_inputs({"data": storage.join(cfg.data, "manifest.json"), "init": cfg.init, "tokenizer": cfg.tokenizer,
-                  "vision_tower": cfg.vision_tower, "llm": cfg.llm}, outputs=(cfg.output,))
-    cfg = claim_output(cfg, resume, overwrite)
+    cfg = claim_output(checked_inputs(cfg, "train"), resume, overwrite)
     init_ray()
     check_shared_storage(cfg.output)  # every node writes there: one storage, or stop now
     placement = placement or Placement()
