@@ -108,8 +108,14 @@ def ray_head():
                     f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
     yield Head(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", env)
+    stop_cluster(temp)
+
+
+def stop_cluster(temp: str) -> None:
+    """Kill a cluster this test session started with ``ray start --temp-dir=temp``: every
+    process of it (and only of it) names its temp dir; never ``ray stop``."""
     procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp in c for c in (p.info["cmdline"] or []))]
-    for p in procs:  # every process of this cluster (and only of it) names its temp dir
+    for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGKILL)
     psutil.wait_procs(procs, timeout=30)

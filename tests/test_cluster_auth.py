@@ -6,23 +6,19 @@ this machine is replaced: the ports (free ones), the token path (the launcher's 
 holds a token made as the YAML's header says), the launcher's autoscaling config, a temp dir.
 """
 
-import contextlib
 import os
 import secrets
 import shlex
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_cluster
 
 pytestmark = pytest.mark.slow  # starts a Ray head and submits jobs
 
@@ -74,12 +70,7 @@ def aws_head():
         assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
         yield f"http://127.0.0.1:{dashboard}", token.read_text().strip(), temp
     finally:
-        procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp in c for c in (p.info["cmdline"] or []))]
-        for p in procs:  # every process of this head (and only of it) names its temp dir
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.send_signal(signal.SIGKILL)
-        psutil.wait_procs(procs, timeout=30)
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_cluster(temp)
 
 
 def clean_env(home: str) -> dict[str, str]:

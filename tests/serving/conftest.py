@@ -48,16 +48,23 @@ def taught_model_dir(bpe_tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ray_cluster, taught_model_dir, tmp_path_factory):
     """The Serve app with an API key file and small limits so each limit can be hit."""
-    from ray import serve
-
     from medvl.serving.api import ServeConfig
-    from medvl.serving.app import run_local
 
     keyfile = tmp_path_factory.mktemp("keys") / "keys.txt"
     keyfile.write_text(API_KEY + "\n")
     cfg = ServeConfig(model=taught_model_dir, max_body_bytes=200_000, max_image_bytes=100_000,
                       max_image_pixels=1_000_000, max_prompt_tokens=200, max_tokens_cap=32,
                       api_key_file=str(keyfile), body_timeout_s=3)
+    yield from serving(cfg)
+
+
+def serving(cfg):
+    """The Serve app for ``cfg`` on a free loopback port, healthy; yields its URL, then shuts
+    Serve down (the body of a fixture: ``yield from serving(cfg)``)."""
+    from ray import serve
+
+    from medvl.serving.app import run_local
+
     port = free_port()
     run_local(cfg, port=port, blocking=False, options={"ray_actor_options": {"num_cpus": 0.5}})
     url = f"http://127.0.0.1:{port}"

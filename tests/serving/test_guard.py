@@ -16,8 +16,7 @@ import pytest
 import requests
 
 from medvl.serving.api import ServeConfig
-from tests.conftest import free_port
-from tests.serving.conftest import QUESTION, png_data_uri, wait_healthy
+from tests.serving.conftest import QUESTION, png_data_uri, serving
 
 KEY_A, KEY_B = "sk-guard-a", "sk-guard-b"
 
@@ -86,10 +85,7 @@ def test_keys_are_compared_in_constant_time_and_all_of_them():
 @pytest.fixture(scope="module")
 def guarded(ray_cluster, bpe_tokenizer, tmp_path_factory):
     """Two keys, two requests in flight per key; the model misexported (see module doc)."""
-    from ray import serve
-
     from medvl.model.build import build_tiny
-    from medvl.serving.app import run_local
     from medvl.serving.engine import write_meta
     from medvl.train.export import save_hf
 
@@ -102,12 +98,7 @@ def guarded(ray_cluster, bpe_tokenizer, tmp_path_factory):
     keyfile.write_text(f"{KEY_A}\n{KEY_B}\n")
     cfg = ServeConfig(model=uri, api_key_file=str(keyfile), max_requests_per_key=2, body_timeout_s=4,
                       max_tokens_cap=4)
-    port = free_port()
-    run_local(cfg, port=port, blocking=False, options={"ray_actor_options": {"num_cpus": 0.5}})
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url)
-    yield url
-    serve.shutdown()
+    yield from serving(cfg)
 
 
 def _post(url: str, key: str, image: bool = False, **extra) -> requests.Response:
