@@ -26,7 +26,7 @@ from medvl.console import init_ray
 from medvl.data import images, records, templates
 from medvl.data.sources import chunk_lines, open_records, read_records
 from medvl.data.tokenize import IGNORE, Tokenized, encode_turns
-from medvl.data.writer import ROW_GROUP_ROWS, ROW_SCHEMA, ShardSink
+from medvl.data.writer import ROW_GROUP_ROWS, ROW_SCHEMA, ShardSink, row_group_rows
 from medvl.placement import Placement, cpu_task_options
 from medvl.preflight import check_inputs
 from medvl.tokenizer import image_token_id
@@ -183,14 +183,14 @@ def preprocess(cfg: PreprocessConfig, placement: Placement | None = None) -> dic
     ctx.execution_options.preserve_order = True  # deterministic shards
     raw = open_records(cfg.data, cfg.output, cfg.shard_records)  # a streaming pass, no records held
     storage.delete_dir(storage.join(cfg.output, "shards"))
+    lines = chunk_lines(raw.records, int(ray.cluster_resources().get("CPU", 0)), cfg.shard_records)
     sink = ShardSink(cfg.output, records_in=raw.records, run_config=config.to_dict(cfg),
-                     plain=cfg.template == "plain")
+                     plain=cfg.template == "plain", group_rows=row_group_rows(lines))
     # One task per chunk reads, processes and writes it: Ray Data fuses operators with equal
     # options and no batch size. As three operators (the memory on the map alone, a 64-row
     # batch size), Ray Data reserved CPUs per operator: on 2 CPUs the idle write held one,
     # so one map task ran at a time.
     opts = {**cpu_task_options(placement or Placement()), "memory": cfg.task_memory_mb * 2**20}
-    lines = chunk_lines(raw.records, int(ray.cluster_resources().get("CPU", 0)), cfg.shard_records)
     ds = read_records(raw, opts.get("label_selector"), lines=lines, memory=opts["memory"])
     ds = ds.map_batches(process_chunk, fn_kwargs={"cfg": cfg}, batch_format="numpy", batch_size=None, **opts)
     ds.write_datasink(sink, ray_remote_args=opts)

@@ -31,16 +31,31 @@ SHARD_SCHEMA = pa.schema([ROW_SCHEMA.field(c) for c in SHARD_COLUMNS])
 # The feed reads whole row groups: small ones keep a rank's reads close to its own rows
 # and a preprocess task's memory to one row group.
 ROW_GROUP_ROWS = 64
+# Row groups per shard at least, where a shard is too small for 64-row groups: a rank's range
+# ends inside at most two groups, so it reads at most 2/8 of a shard it only touches.
+MIN_GROUPS_PER_SHARD = 8
+
+
+def row_group_rows(shard_rows: int) -> int:
+    """Rows per Parquet row group in a shard of ``shard_rows``: ``ROW_GROUP_ROWS``, smaller for
+    small shards. Small corpora are cut into one small shard per CPU (issue 34); with whole
+    64-row groups, a 43-row shard was one group, and a rank needing one row of it read it all."""
+    return max(1, min(ROW_GROUP_ROWS, shard_rows // MIN_GROUPS_PER_SHARD))
 # Pixels stay raw uint8 (exactly LLaVA's, no decode in the feed), zstd-compressed: 97 KB
 # per 336-px image against 116 KB snappy, 55 KB PNG (decodes at 380/s per core: slower than
 # a feed must be) and 22 KB JPEG-95 (lossy); zstd also reads 3x faster than snappy here.
 # No dictionaries: distinct 338 KB images gain nothing and a page of them costs memory.
-SHARD_ENCODING = {"compression": "zstd", "use_dictionary": False}
+# No statistics on pixels: nothing filters on them, and below Arrow's 4 KB cap (images up to
+# 36 px) their min and max went into the footer, which the feed reads for every shard it
+# touches: 54 KB of a 60 KB footer for nine 6-row groups of 32-px images.
+SHARD_ENCODING = {"compression": "zstd", "use_dictionary": False,
+                  "write_statistics": [c for c in SHARD_COLUMNS if c != "pixels"]}
 
 
 class ShardSink(Datasink):
-    def __init__(self, output: str, records_in: int, run_config: dict, plain: bool):
+    def __init__(self, output: str, records_in: int, run_config: dict, plain: bool, group_rows: int):
         self.output = output
+        self.group_rows = group_rows  # rows per Parquet row group (``row_group_rows``)
         self.records_in = records_in
         self.run_config = run_config
         self.plain = plain  # stage-1 answers are captions: report them as such
@@ -65,7 +80,7 @@ class ShardSink(Datasink):
                 if writer is None:
                     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
                     writer = pq.ParquetWriter(path, SHARD_SCHEMA, filesystem=fs, **SHARD_ENCODING)
-                writer.write_table(kept.select(SHARD_COLUMNS).cast(SHARD_SCHEMA), row_group_size=ROW_GROUP_ROWS)
+                writer.write_table(kept.select(SHARD_COLUMNS).cast(SHARD_SCHEMA), row_group_size=self.group_rows)
                 out["kept"] += kept.num_rows
                 out["truncated"] += pc.sum(pc.not_equal(kept["detail"], "")).as_py() or 0  # kept, cut
                 out["question_tokens"] += pc.list_flatten(kept["question_tokens"]).to_pylist()

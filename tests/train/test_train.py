@@ -101,11 +101,6 @@ def _feed(output: str, rank: int) -> dict:
     return json.loads(storage.read_text(storage.join(output, "feed", f"rank{rank}.json")))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (#34 follow-up): per-CPU chunks cut the demo's 85 captions into two 43-row shards, each "
-    "one short row group, so a rank whose range spills one row into the other shard reads it "
-    "whole (1.13x the corpus per rank); passes with the old 1024-line chunks. At real shard sizes "
-    "the spill is one 64-row group; rounding chunks to whole row groups was not enough"))
 def test_each_rank_reads_only_its_share_of_the_shards(stage1, demo_shards):
     """Two ranks, three epochs: each rank's byte counter holds about half of what the
     epochs span, not all of it (every rank read every shard before the per-rank feed)."""
