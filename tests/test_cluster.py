@@ -150,6 +150,18 @@ def test_gpu_installs_carry_vllm_with_the_gpu_constraints():
         assert "-c" in line.split() and "constraints-gpu.txt" in line and "[vllm]" in line, line
 
 
+def test_gpu_nodes_boot_an_ami_whose_driver_runs_cuda_13():
+    """CUDA 13 torch needs driver >= 580; with no ImageId Ray fills in its default (older)
+    Deep Learning AMI, and every GPU worker fails at CUDA init, after the nodes started."""
+    cuda = [line for line in (CLUSTER.parent / "constraints-gpu.txt").read_text().splitlines()
+            if line.startswith("nvidia-cuda-runtime==")]
+    assert cuda and cuda[0].split("==")[1].startswith("13.")  # if this moves, revisit the AMI
+    types = _aws()["available_node_types"]
+    for name in ("gpu_train", "gpu_serve"):
+        ami = types[name]["node_config"].get("ImageId", "")
+        assert ami.startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu"), name
+
+
 def test_training_is_one_node_unless_efa_is_configured():
     """Two p4de nodes without EFA would run ZeRO-3 over TCP: a second gpu_train node only with
     EFA interfaces and a cluster placement group."""
