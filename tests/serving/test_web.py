@@ -19,18 +19,12 @@ from medvl.model.build import build_tiny
 from medvl.serving.api import ServeConfig
 from medvl.serving.engine import Preparer, write_meta
 from medvl.train.export import save_hf
-from tests.serving.conftest import API_KEY, serving
+from tests.serving.conftest import API_KEY, CHROMEDRIVER, CHROMIUM, chromium, serving
 
 pytestmark = pytest.mark.slow  # starts Serve and Chromium: not in `make test-fast`
 
 N = 3000  # max tokens: seconds of decoding on 2 cores
 BODY_LIMIT = 200_000
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-# Without the background-networking flags Chromium's own outbound connections fail noisily
-# on a machine without internet (and the page must need none).
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,900")
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +58,7 @@ def browser(tmp_path_factory):
     lose it silently); `make test` installs both."""
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are needed: `make setup-browser` installs them")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = chromium(str(tmp_path_factory.mktemp("chromium")))
     yield driver
     driver.quit()
 
