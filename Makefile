@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # Local Ray clusters here run without token auth (see README, FAQ, and docs/guide.md, "Ray auth").
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test test-fast demo bench gpu-smoke vllm vllm-check clean
+.PHONY: setup setup-browser test test-fast demo bench gpu-smoke vllm vllm-check clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,16 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt constraints.txt
 	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
 	touch $@
 
-test: setup
+# The web page's test drives Debian's Chromium through its chromedriver (tests/serving/test_web.py);
+# fonts-noto-cjk so that Chinese renders in its screenshots. Installed once, with apt (root or sudo).
+CHROMEDRIVER := /usr/bin/chromedriver
+setup-browser: $(CHROMEDRIVER)
+
+$(CHROMEDRIVER):
+	$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo -E ) apt-get install -y -q chromium chromium-driver fonts-noto-cjk
+
+test: setup setup-browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 

@@ -134,7 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not cfg.model:
         raise ValueError("serve: --model is required")
     check_model_dir(cfg.model)
-    print(f"serving {cfg.model} as {cfg.model_name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
+    base = f"http://{args.host}:{args.port}"
+    print(f"serving {cfg.model} as {cfg.model_name!r} at {base}/v1, web page {base}/ (Ctrl-C stops)")
     run_local(cfg, args.host, args.port, blocking=True)
 
 

@@ -322,12 +322,12 @@ def deploy(r: Recipe, model: str, owned: bool, keep_serving: bool) -> dict:
     run_local(cfg, d.host, d.port, blocking=False, options=deployment_options(
         d.num_cpus, d.num_gpus, d.min_replicas, d.max_replicas, r.placement),
         front=front_options(d.min_replicas, d.max_replicas, r.placement))
-    local = f"http://127.0.0.1:{d.port}/v1"
-    sample = probe(local, cfg.model_name, d.probe or r.eval.data, r.eval.image_root)
+    local = f"http://127.0.0.1:{d.port}"
+    sample = probe(f"{local}/v1", cfg.model_name, d.probe or r.eval.data, r.eval.image_root)
     print(f"[pipeline] deploy: asked {sample['question']!r} about {sample['image']}\n"
           f"[pipeline]   answer:   {sample['answer']}\n[pipeline]   expected: {sample['expected']}", flush=True)
     if owned and keep_serving:
-        print(f"[pipeline] serving at {local} until Ctrl-C", flush=True)
+        print(f"[pipeline] serving at {local}/v1, web page {local}/, until Ctrl-C", flush=True)
         try:
             while True:
                 time.sleep(3600)
@@ -335,11 +335,12 @@ def deploy(r: Recipe, model: str, owned: bool, keep_serving: bool) -> dict:
             pass
     if owned:
         serve.shutdown()
-        return {"endpoint": local, "serving": False, "sample": sample}
+        return {"endpoint": f"{local}/v1", "page": f"{local}/", "serving": False, "sample": sample}
     import ray
 
     host = ray.util.get_node_ip_address() if d.host in ("0.0.0.0", "::") else d.host
-    return {"endpoint": f"http://{host}:{d.port}/v1", "serving": True, "sample": sample}
+    base = f"http://{host}:{d.port}"
+    return {"endpoint": f"{base}/v1", "page": f"{base}/", "serving": True, "sample": sample}
 
 
 MIME = {".dcm": "application/dicom", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}

@@ -22,6 +22,7 @@ def write_summary(run: str, outputs: dict[str, str], recipe_path: str, markers: 
         "stages": {k: {f: res[k][f] for f in ("steps", "first_loss", "last_loss")} for k in ("stage1", "stage2")
                    if k in res},
         "eval": res.get("evaluate"), "endpoint": res.get("deploy", {}).get("endpoint"),
+        "page": res.get("deploy", {}).get("page"), "serving": res.get("deploy", {}).get("serving"),
         "sample": res.get("deploy", {}).get("sample"),
     }
     plots = {"stage1_loss.png": storage.join(outputs["stage1"], "loss.png"),
@@ -71,4 +72,7 @@ def summary_markdown(s: dict) -> str:
         lines += ["", f"Endpoint: {s['endpoint']}", "", f"- image: `{q['image']}`", f"- question: {q['question']}",
                   f"- answer: {q['answer']}", f"- expected: {q['expected']}"]
     lines += ["", *[f"![{p}]({p})" for p in s["plots"]]]
+    if s.get("page"):  # last: the chat page the same front serves (docs/guide.md, "Web page")
+        lines += ["", f"Web page: {s['page']}" + ("" if s["serving"] else
+                  " (stopped with this run: `medvl serve --model <run>/model` or `--keep-serving` serves it)")]
     return "\n".join(lines) + "\n"

@@ -85,6 +85,12 @@ class Message(BaseModel):
     content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None  # None: an assistant turn that called a tool
 
 
+class PreviewRequest(BaseModel):
+    """``POST /v1/images/preview``: one image, as a chat request's ``image_url`` part has it."""
+
+    image_url: ImageURL
+
+
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 

@@ -17,10 +17,11 @@ import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.context import _get_global_client
@@ -32,14 +33,17 @@ from medvl.data.images import ImageError
 from medvl.serving.api import (
     APIError,
     ChatCompletionRequest,
+    PreviewRequest,
     ServeConfig,
     chunk_body,
     completion_body,
+    image_bytes,
     parse_request,
     to_engine_request,
 )
 from medvl.serving.engine import CONCURRENT_BATCHES, Chunk, Engine, Prepared, Preparer
 from medvl.serving.guard import KeySlots, check_exposure, key_of, load_api_keys, logger, request_id
+from medvl.serving.page import ASSETS, HEADERS, png, render
 
 # No /docs or /redoc pages (they load scripts from a CDN into an operator's browser); the
 # spec stays at /openapi.json.
@@ -116,6 +120,24 @@ async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
 # A model replica gone mid-request (crashed, killed, its node lost): the caller may retry.
 REPLICA_LOST = (RayActorError, ActorUnavailableError)
 HEALTH_TIMEOUT_S = 10.0
+
+
+T = TypeVar("T")
+
+
+async def _parsed(parse: Callable[[bytes], T], raw: bytes) -> T:
+    """``parse(raw)`` off the event loop (bounded by the body limit); bad JSON or a body
+    that is not the model is a 400 in OpenAI's shape."""
+    try:
+        return await asyncio.to_thread(parse, raw)
+    except ValueError as e:  # pydantic.ValidationError is a ValueError; so is bad JSON
+        errors = getattr(e, "errors", lambda: [])()
+        raise RequestValidationError(errors or [{"msg": str(e)}]) from e
+
+
+def _image_error(e: ImageError) -> APIError:
+    """An image the decoder refused: 413 when too large, else 400, in the decoder's words."""
+    return APIError(413 if e.reason == "image_too_large" else 400, f"image rejected: {e.detail}", code=e.reason)
 
 
 def _replica_lost(e: Exception) -> APIError:
@@ -201,6 +223,7 @@ class ChatDeployment:
         # `serve run/deploy` of a config: the host is Serve's, known here for certain.
         check_exposure(cfg, _get_global_client().http_config.host, self.keys)
         self.slots = KeySlots(cfg.max_requests_per_key)
+        self.page = render(cfg.model_name, bool(self.keys), cfg.max_tokens_cap)
 
     def _check(self, request: Request) -> bytes | None:
         """The caller's API key (None when the server has none), from the headers alone:
@@ -211,6 +234,11 @@ class ChatDeployment:
             raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                            "authentication_error", "invalid_api_key")
         return key
+
+    def _admit(self, request: Request) -> Callable[[], None]:
+        """The key, then one of its slots: the returned function gives the slot back."""
+        key = self._check(request)
+        return self.slots.take(key) if key is not None else lambda: None
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused as soon as it (or its Content-Length) passes the size limit, and
@@ -234,6 +262,38 @@ class ChatDeployment:
         except TimeoutError:
             raise APIError(408, f"request body not received within {self.cfg.body_timeout_s:g} s",
                            code="request_timeout") from None
+
+    @api.get("/", include_in_schema=False)
+    async def web_page(self) -> Response:
+        """The chat page; it holds no data, so no key is asked for it (its API calls carry one)."""
+        return Response(self.page, media_type="text/html; charset=utf-8", headers=HEADERS)
+
+    @api.get("/web/{name}", include_in_schema=False)
+    async def web_asset(self, name: str) -> Response:
+        if name not in ASSETS:
+            raise APIError(404, "no such file", code="not_found")
+        body, media = ASSETS[name]
+        return Response(body, media_type=media, headers=HEADERS)
+
+    @api.post("/v1/images/preview", include_in_schema=False)
+    async def preview(self, request: Request) -> Response:
+        """``{"image_url": {"url": ...}}`` -> the PNG the model would get from it: the chat
+        endpoint's key, slot, size limits, decoding, DICOM windowing and fitting."""
+        release = self._admit(request)
+        try:
+            body = await _parsed(PreviewRequest.model_validate_json, await self._read_body(request))
+            return Response(await asyncio.to_thread(self._preview, body), media_type="image/png",
+                            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+        finally:
+            release()
+
+    def _preview(self, body: PreviewRequest) -> bytes:
+        data, name = image_bytes(body.image_url.url, self.cfg)
+        try:
+            pixels = self.preparer.pixels(data, name, self.cfg.max_image_pixels, self.cfg.allow_burned_in_annotation)
+        except ImageError as e:
+            raise _image_error(e) from e
+        return png(pixels)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -264,8 +324,7 @@ class ChatDeployment:
     async def chat(self, request: Request):
         """Admission: the key, then one of the key's slots, held until the answer (or its
         stream) ends."""
-        key = self._check(request)
-        release = self.slots.take(key) if key is not None else lambda: None
+        release = self._admit(request)
         try:
             response = await self._answer(request)
         except BaseException:
@@ -277,12 +336,7 @@ class ChatDeployment:
         return response
 
     async def _answer(self, request: Request):
-        raw = await self._read_body(request)
-        try:
-            body = await asyncio.to_thread(parse_request, raw)  # off the event loop, bounded
-        except ValueError as e:  # pydantic.ValidationError is a ValueError; so is bad JSON
-            errors = getattr(e, "errors", lambda: [])()
-            raise RequestValidationError(errors or [{"msg": str(e)}]) from e
+        body = await _parsed(parse_request, await self._read_body(request))
         prepared = await asyncio.to_thread(self._prepare, body)  # decode + tokenise off the event loop
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -303,8 +357,7 @@ class ChatDeployment:
         try:
             prepared = self.preparer.prepare(req, self.cfg.max_image_pixels, self.cfg.allow_burned_in_annotation)
         except ImageError as e:
-            status = 413 if e.reason == "image_too_large" else 400
-            raise APIError(status, f"image rejected: {e.detail}", code=e.reason) from e
+            raise _image_error(e) from e
         if len(prepared.ids) > self.cfg.max_prompt_tokens:
             raise APIError(400, f"prompt is {len(prepared.ids)} tokens, more than "
                                 f"{self.cfg.max_prompt_tokens}", code="context_length_exceeded")

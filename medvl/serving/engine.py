@@ -111,9 +111,13 @@ class Preparer:
     def prepare(self, req: Request, max_pixels: int = 50_000_000, allow_burned_in: bool = False) -> Prepared:
         """Prompt ids (built by the training code path) and uint8 pixels; ``ImageError`` if bad."""
         ids = encode_turns(req.turns, self.template, self.tok, self.num_image_tokens).input_ids
-        spec = ImageSpec(self.spec.size, self.spec.aspect, max_pixels, allow_burned_in)
-        pixels = load_image(req.image, req.image_name, spec) if req.image is not None else None
+        pixels = self.pixels(req.image, req.image_name, max_pixels, allow_burned_in) if req.image is not None else None
         return Prepared(req, ids, pixels)
+
+    def pixels(self, data: bytes, name: str, max_pixels: int, allow_burned_in: bool) -> np.ndarray:
+        """The image as the model gets it (decoded, DICOM windowed, fitted to its input size):
+        uint8 HxWx3. The web page's preview shows this very array; ``ImageError`` if bad."""
+        return load_image(data, name, ImageSpec(self.spec.size, self.spec.aspect, max_pixels, allow_burned_in))
 
 
 class Engine:

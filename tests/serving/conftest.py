@@ -94,3 +94,24 @@ def png_data_uri(size=(40, 30)) -> str:
     buf = io.BytesIO()
     Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's, `make setup-browser`
+# Without the background-networking flags Chromium's own outbound connections fail noisily
+# on a machine without internet (and the page must need none).
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1280,860")
+
+
+def chromium(profile_dir: str):
+    """Headless Chromium with a fresh profile in ``profile_dir``, driven by its own
+    chromedriver (Selenium Manager, which would download one, is not used)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
