@@ -3,7 +3,8 @@ in any rank's training batches, and equal to plain transformers' loss on those r
 
 Stage 2 from the random tiny preset, ZeRO-3 with gradient checkpointing (the hardest path: every
 rank must join every forward's parameter gathers), 2 micro-batch-2 ranks on an odd val set
-(so one rank pads its passes with an unlabelled batch).
+(so one rank pads its passes with an unlabelled batch), LoRA with dropout (so a validation
+that left the model in eval mode or moved the RNG would change the training losses).
 """
 
 import json
@@ -37,12 +38,21 @@ def val_data(demo_dir, tmp_path_factory) -> str:
     return out
 
 
+def val_cfg(data: str, demo_dir, output: str, **kw) -> TrainConfig:
+    return TrainConfig(**{**dict(stage=2, data=data, output=output, name="val", tokenizer=str(demo_dir / "tokenizer"),
+                                 batch_size=2, zero_stage=3, gradient_checkpointing=True, lora_r=4, lora_dropout=0.3,
+                                 max_steps=6, checkpoint_every=3, log_every=100), **kw})
+
+
 @pytest.fixture(scope="module")
 def validated(val_data, demo_dir, tmp_path_factory) -> tuple[TrainConfig, dict]:
-    cfg = TrainConfig(stage=2, data=val_data, output=str(tmp_path_factory.mktemp("valrun")), name="val",
-                      tokenizer=str(demo_dir / "tokenizer"), batch_size=2, zero_stage=3,
-                      gradient_checkpointing=True, max_steps=6, checkpoint_every=3, log_every=100)
+    """Validation at each checkpoint (the default): steps 3 and 6."""
+    cfg = val_cfg(val_data, demo_dir, str(tmp_path_factory.mktemp("valrun")))
     return cfg, train(cfg)
+
+
+def _metrics(output: str) -> list[dict]:
+    return [json.loads(x) for x in storage.read_text(storage.join(output, "metrics.jsonl")).splitlines()]
 
 
 def _ids(data: str, shards: list[str]) -> list[str]:
@@ -81,8 +91,7 @@ def test_val_loss_is_the_token_weighted_loss_on_the_held_out_rows(validated, val
     from transformers import LlavaForConditionalGeneration
 
     cfg, summary = validated
-    records = [json.loads(x) for x in storage.read_text(storage.join(cfg.output, "metrics.jsonl")).splitlines()]
-    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    val = {r["step"]: r["val_loss"] for r in _metrics(cfg.output) if "val_loss" in r}
     assert list(val) == [3, 6]
     assert summary["last_val_loss"] == val[6] and summary["best_val_loss"] == min(val.values())
     events = EventAccumulator(os.path.join(cfg.output, "tensorboard"))
@@ -95,3 +104,14 @@ def test_val_loss_is_the_token_weighted_loss_on_the_held_out_rows(validated, val
     with torch.no_grad():  # one batch: transformers' mean over all its labelled tokens
         expected = model(**batch).loss.item()
     assert val[6] == pytest.approx(expected, abs=1e-4)
+
+
+def test_validating_every_step_leaves_the_training_losses_unchanged(validated, val_data, demo_dir, tmp_path):
+    """The same stage validated after every step (steps 1, 2, 4, 5 too) trains exactly as
+    the one validated at steps 3 and 6: modes (LoRA dropout) and RNG restored."""
+    cfg, _ = validated
+    out = str(tmp_path / "every")
+    train(val_cfg(val_data, demo_dir, out, val_every=1, checkpoint_every=0))
+    every = _metrics(out)
+    assert [r["step"] for r in every if "val_loss" in r] == list(range(1, 7))
+    assert [r["loss"] for r in every] == pytest.approx([r["loss"] for r in _metrics(cfg.output)], rel=1e-6)
