@@ -84,6 +84,8 @@ def test_job_submit_runs_skips_and_resumes(ray_head, recipe, tmp_path):
     assert (run / "model" / "model.safetensors").is_file() and (run / "eval" / "metrics.json").is_file()
     assert {p.name for p in (run / "plots").iterdir()} == {"stage1_loss.png", "stage2_loss.png", "eval_metrics.png"}
     assert "| stage2 |" in (run / "summary.md").read_text()
+    # demo.yaml holds 10% of each corpus out: each stage's last step has its validation loss
+    assert all(summary["stages"][k]["last_val_loss"] > 0 for k in ("stage1", "stage2"))
 
     out = submit(head, recipe, run)  # everything is complete: every step is skipped
     assert statuses(run) == dict.fromkeys(STEPS, "skipped")
