@@ -100,8 +100,9 @@ def train(cfg: TrainConfig, placement: Placement | None = None, resume: bool = F
 
 
 def loop_config(cfg: TrainConfig, plan: FeedPlan, manifest: dict) -> dict:
-    """What every worker's ``train_loop_per_worker`` is given: the stage, its batch plan, where
-    to export, and the preprocessing facts the export records."""
+    """What every worker's ``train_loop_per_worker`` is given: the stage, its batch plan, who
+    holds which val rows (None: no validation), where to export, and the preprocessing facts
+    the export records."""
     pre = manifest["config"]
     val = val_plan(cfg, manifest)
     return {"train": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan), "hf": storage.join(cfg.output, "hf"),
