@@ -51,7 +51,8 @@ def step_line(stage: int, rec: dict, total: int, seconds_per_step: float) -> str
     """One training progress line: step/total, loss, lr, grad norm, throughput, ETA."""
     eta = max(0, total - rec["step"]) * seconds_per_step
     norm = f" gnorm {rec['grad_norm']:.3f}" if rec.get("grad_norm") is not None else ""
-    return (f"[stage {stage}] step {rec['step']}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e}{norm} "
+    val = f" val_loss {rec['val_loss']:.4f}" if rec.get("val_loss") is not None else ""
+    return (f"[stage {stage}] step {rec['step']}/{total} loss {rec['loss']:.4f}{val} lr {rec['lr']:.2e}{norm} "
             f"{rec['tokens_per_s']:.0f} tok/s pad {rec['padding']:.1%} wait {rec['data_wait']:.1%} "
             f"eta {_duration(eta)}")
 
@@ -97,6 +98,8 @@ class MetricsFollower:
             print(f"[stage {self.stage}] restarted from checkpoint at step {records[-1]['step']}", flush=True)
         elif records[-1]["step"] > self.last_step:
             recent = [r["step_s"] for r in records[-20:]]
-            print(step_line(self.stage, records[-1], self.total, sum(recent) / len(recent)), flush=True)
+            shown = [r for r in records if self.last_step < r["step"] < records[-1]["step"] and "val_loss" in r]
+            for r in [*shown, records[-1]]:  # every validation, even one written between two polls
+                print(step_line(self.stage, r, self.total, sum(recent) / len(recent)), flush=True)
         self.last_step = records[-1]["step"]
 

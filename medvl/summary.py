@@ -19,8 +19,9 @@ def write_summary(run: str, outputs: dict[str, str], recipe_path: str, markers: 
         "run": run, "recipe": recipe_path,
         "steps": {name: {**st, "hash": markers.get(name, {}).get("hash")} for name, st in status.items()},
         "data": {k: res.get(f"preprocess-{k}") for k in ("alignment", "instruction")},
-        "stages": {k: {f: res[k][f] for f in ("steps", "first_loss", "last_loss")} for k in ("stage1", "stage2")
-                   if k in res},
+        "stages": {k: {f: res[k].get(f) for f in ("steps", "first_loss", "last_loss", "last_val_loss",
+                                                  "best_val_loss", "best_val_step")}
+                   for k in ("stage1", "stage2") if k in res},
         "eval": res.get("evaluate"), "endpoint": res.get("deploy", {}).get("endpoint"),
         "page": res.get("deploy", {}).get("page"), "serving": res.get("deploy", {}).get("serving"),
         "sample": res.get("deploy", {}).get("sample"),
@@ -39,6 +40,13 @@ def write_summary(run: str, outputs: dict[str, str], recipe_path: str, markers: 
     return summary
 
 
+def _val(stage: dict) -> str:
+    """The stage's two validation cells ("-" where it did not validate)."""
+    if stage.get("last_val_loss") is None:
+        return "- | -"
+    return f"{stage['last_val_loss']:.3f} | {stage['best_val_loss']:.3f} ({stage['best_val_step']})"
+
+
 def summary_markdown(s: dict) -> str:
     lines = [f"# medvl run `{s['run']}`", "", f"Recipe: `{s['recipe']}`", "", "| step | status | seconds |",
              "|---|---|---|"]
@@ -46,8 +54,10 @@ def summary_markdown(s: dict) -> str:
     lines += ["", "| data | records in | kept | rejected |", "|---|---|---|---|"]
     lines += [f"| {k} | {d['records_in']} | {d['records_kept']} | {d['records_rejected']} |"
               for k, d in s["data"].items() if d]
-    lines += ["", "| stage | steps | first loss | last loss |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['steps']} | {v['first_loss']:.3f} | {v['last_loss']:.3f} |" for k, v in s["stages"].items()]
+    lines += ["", "| stage | steps | first loss | last loss | last val loss | best val loss (step) |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['steps']} | {v['first_loss']:.3f} | {v['last_loss']:.3f} | {_val(v)} |"
+              for k, v in s["stages"].items()]
     if s["eval"]:
         e, o = s["eval"], s["eval"]["overall"]
         lines += ["", f"Evaluation ({e['n']} held-out questions, report: `eval/report.md`):", ""]

@@ -28,3 +28,16 @@ def test_follower_prints_each_new_window_once_and_says_when_a_run_restarted(tmp_
     out = capsys.readouterr().out.splitlines()
     assert [x.split(" loss")[0] for x in out] == ["[stage 1] step 10/30",
                                                   "[stage 1] restarted from checkpoint at step 5"]
+
+
+def test_every_validation_gets_a_line_even_between_two_polls(tmp_path, capsys):
+    """Validation steps need not fall on a log window: each one is printed with its val_loss."""
+    metrics = tmp_path / "metrics.jsonl"
+    follower = MetricsFollower(str(metrics), stage=2, total=30)
+    metrics.write_text("".join(json.dumps(rec(s, **({"val_loss": 0.25} if s in (3, 6) else {}))) + "\n"
+                               for s in range(1, 11)))
+    follower.poll()
+    out = capsys.readouterr().out.splitlines()
+    assert [x.split(" lr")[0] for x in out] == ["[stage 2] step 3/30 loss 0.3333 val_loss 0.2500",
+                                                "[stage 2] step 6/30 loss 0.1667 val_loss 0.2500",
+                                                "[stage 2] step 10/30 loss 0.1000"]

@@ -26,7 +26,7 @@ from medvl.console import init_ray
 from medvl.data import images, records, templates
 from medvl.data.sources import chunk_lines, open_records, read_records
 from medvl.data.tokenize import IGNORE, Tokenized, encode_turns
-from medvl.data.writer import ROW_GROUP_ROWS, ROW_SCHEMA, ShardSink, row_group_rows
+from medvl.data.writer import PARTS, ROW_GROUP_ROWS, ROW_SCHEMA, ShardSink, row_group_rows
 from medvl.placement import Placement, cpu_task_options
 from medvl.preflight import check_inputs
 from medvl.tokenizer import image_token_id
@@ -39,7 +39,7 @@ FETCH_THREADS = 16  # concurrent image reads per task
 class PreprocessConfig:
     data: str = field(default="", metadata={"help": "records: a .json array or .jsonl file (URI)"})
     image_root: str = field(default="", metadata={"help": "directory the records' image paths are relative to (URI)"})
-    output: str = field(default="", metadata={"help": "output directory (URI): shards/, rejects.jsonl, manifest.json"})
+    output: str = field(default="", metadata={"help": "output directory (URI): shards/, val/, rejects.jsonl, manifest.json"})
     template: Literal["plain", "v1", "chatml"] = field(default="v1", metadata={"help": "conversation template"})
     tokenizer: str = field(default="", metadata={"help": "HF tokenizer directory (URI)"})
     image_size: int = field(default=336, metadata={"help": "vision tower input size in pixels"})
@@ -55,6 +55,9 @@ class PreprocessConfig:
     rejects_quote_records: bool = field(default=False, metadata={
         "help": "debugging: each rejects.jsonl detail quotes its record's first 120 characters "
                 "(copies patient text out of the corpus)"})
+    val_fraction: float = field(default=0.0, metadata={
+        "help": "share of records held out for the training's validation loss, never trained on: "
+                "written to val/, chosen by a hash of the record id (same records on every run); 0: none"})
     shard_records: int = field(default=1024, metadata={"help": "records per Parquet shard (upper bound)"})
     task_memory_mb: int = field(default=1500, metadata={
         "help": "host memory one preprocess task declares to Ray (benchmarks/scale.py measures the peak)"})
@@ -182,10 +185,12 @@ def preprocess(cfg: PreprocessConfig, placement: Placement | None = None) -> dic
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic shards
     raw = open_records(cfg.data, cfg.output, cfg.shard_records)  # a streaming pass, no records held
-    storage.delete_dir(storage.join(cfg.output, "shards"))
+    for part in PARTS:
+        storage.delete_dir(storage.join(cfg.output, part))
     lines = chunk_lines(raw.records, int(ray.cluster_resources().get("CPU", 0)), cfg.shard_records)
     sink = ShardSink(cfg.output, records_in=raw.records, run_config=config.to_dict(cfg),
-                     plain=cfg.template == "plain", group_rows=row_group_rows(lines))
+                     plain=cfg.template == "plain", group_rows=row_group_rows(lines),
+                     val_fraction=cfg.val_fraction)
     # One task per chunk reads, processes and writes it: Ray Data fuses operators with equal
     # options and no batch size. As three operators (the memory on the map alone, a 64-row
     # batch size), Ray Data reserved CPUs per operator: on 2 CPUs the idle write held one,

@@ -18,6 +18,7 @@ from ray.data import Datasink
 from ray.data.datasource.datasink import WriteResult
 
 from medvl import storage
+from medvl.data import holdout
 
 # One processed record, kept (reason empty) or rejected.
 ROW_SCHEMA = pa.schema([
@@ -50,25 +51,27 @@ def row_group_rows(shard_rows: int) -> int:
 # touches: 54 KB of a 60 KB footer for nine 6-row groups of 32-px images.
 SHARD_ENCODING = {"compression": "zstd", "use_dictionary": False,
                   "write_statistics": [c for c in SHARD_COLUMNS if c != "pixels"]}
+PARTS = ("shards", "val")  # training rows, held-out rows (``holdout.py``): one directory each
 
 
 class ShardSink(Datasink):
-    def __init__(self, output: str, records_in: int, run_config: dict, plain: bool, group_rows: int):
+    def __init__(self, output: str, records_in: int, run_config: dict, plain: bool, group_rows: int = ROW_GROUP_ROWS,
+                 val_fraction: float = 0.0):
         self.output = output
         self.group_rows = group_rows  # rows per Parquet row group (``row_group_rows``)
+        self.val_fraction = val_fraction
         self.records_in = records_in
         self.run_config = run_config
         self.plain = plain  # stage-1 answers are captions: report them as such
         self.manifest: dict[str, Any] = {}
 
     def write(self, blocks, ctx) -> dict[str, Any]:
-        """Stream this task's blocks into one shard of small row groups, keeping only the
-        rejects and the token counts in memory."""
-        shard = f"shards/part-{ctx.task_idx:05d}.parquet"
-        fs, path = storage.resolve(storage.join(self.output, shard))
-        out: dict[str, Any] = {"shard": "", "kept": 0, "truncated": 0, "rejects": [], "question_tokens": [],
-                               "answer_tokens": [], "lengths": []}
-        writer = None
+        """Stream this task's blocks into one shard of small row groups per part (training,
+        held out), keeping only the rejects and the token counts in memory."""
+        shard = f"part-{ctx.task_idx:05d}.parquet"
+        out: dict[str, Any] = {"kept": 0, "truncated": 0, "rejects": [], "question_tokens": [],
+                               "answer_tokens": [], "lengths": [], **{p: 0 for p in PARTS}}
+        writers: dict[str, pq.ParquetWriter] = {}
         try:
             for block in blocks:
                 table = block if isinstance(block, pa.Table) else pa.table(block)
@@ -77,20 +80,29 @@ class ShardSink(Datasink):
                 out["rejects"] += table.filter(rejected).select(["line", "id", "reason", "detail"]).to_pylist()
                 if not kept.num_rows:
                     continue
-                if writer is None:
-                    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-                    writer = pq.ParquetWriter(path, SHARD_SCHEMA, filesystem=fs, **SHARD_ENCODING)
-                writer.write_table(kept.select(SHARD_COLUMNS).cast(SHARD_SCHEMA), row_group_size=self.group_rows)
+                for part, rows in zip(PARTS, holdout.split(kept, self.val_fraction), strict=True):
+                    if not rows.num_rows:
+                        continue
+                    if part not in writers:
+                        writers[part] = self._open(f"{part}/{shard}")
+                    writers[part].write_table(rows.select(SHARD_COLUMNS).cast(SHARD_SCHEMA),
+                                              row_group_size=self.group_rows)
+                    out[part] += rows.num_rows
                 out["kept"] += kept.num_rows
                 out["truncated"] += pc.sum(pc.not_equal(kept["detail"], "")).as_py() or 0  # kept, cut
                 out["question_tokens"] += pc.list_flatten(kept["question_tokens"]).to_pylist()
                 out["answer_tokens"] += pc.list_flatten(kept["answer_tokens"]).to_pylist()
                 out["lengths"] += kept["length"].to_pylist()
         finally:
-            if writer is not None:
+            for writer in writers.values():
                 writer.close()
-        out["shard"] = shard if out["kept"] else ""
+        out["shard"] = shard
         return out
+
+    def _open(self, rel: str) -> pq.ParquetWriter:
+        fs, path = storage.resolve(storage.join(self.output, rel))
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        return pq.ParquetWriter(path, SHARD_SCHEMA, filesystem=fs, **SHARD_ENCODING)
 
     def on_write_complete(self, write_result: WriteResult) -> None:
         results = write_result.write_returns
@@ -99,7 +111,7 @@ class ShardSink(Datasink):
                  for r in rejects]
         storage.write_text(storage.join(self.output, "rejects.jsonl"), "".join(x + "\n" for x in lines))
         kept = sum(res["kept"] for res in results)
-        written = sorted((res for res in results if res["shard"]), key=lambda res: res["shard"])
+        results = sorted(results, key=lambda res: res["shard"])
         answers = [n for res in results for n in res["answer_tokens"]]
         tokens = {"sample_length": _quartiles([n for res in results for n in res["lengths"]])}
         if self.plain:
@@ -113,8 +125,12 @@ class ShardSink(Datasink):
             "records_rejected": len(rejects),
             "records_truncated": sum(res["truncated"] for res in results),
             "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-            "shards": [res["shard"] for res in written],
-            "shard_rows": [res["kept"] for res in written],
+            "shards": [f"shards/{res['shard']}" for res in results if res["shards"]],
+            "shard_rows": [res["shards"] for res in results if res["shards"]],
+            "val_fraction": self.val_fraction,  # held out by a hash of the id (holdout.py)
+            "records_val": sum(res["val"] for res in results),
+            "val_shards": [f"val/{res['shard']}" for res in results if res["val"]],
+            "val_shard_rows": [res["val"] for res in results if res["val"]],
             "tokens": tokens,
             "config": self.run_config,
         }

@@ -43,6 +43,9 @@ class TrainConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch"})
     mm_projector_lr: float = field(default=0.0, metadata={"help": "projector lr if different (0: lr)"})
     group_by_length: bool = field(default=True, metadata={"help": "batch samples of similar length"})
+    val_every: int = field(default=-1, metadata={
+        "help": "steps between validation losses on the data's held-out rows (preprocess val_fraction), "
+                "and at the end; -1: at every checkpoint; 0: off"})
     log_every: int = field(default=10, metadata={"help": "steps between progress lines", "result": False})
 
     def __post_init__(self) -> None:

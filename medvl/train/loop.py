@@ -33,6 +33,7 @@ from medvl.train.loss import causal_lm_loss
 from medvl.train.memory import PhasePeaks, release_free_memory
 from medvl.train.optim import lr_lambda, trainable_groups
 from medvl.train.tracking import Tracker
+from medvl.train.validation import ValPlan, load_batches, val_due, validation_loss
 from medvl.train.zero import deepspeed_config, initialize
 
 CKPT_TAG = "ckpt"
@@ -95,6 +96,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     tracker = Tracker(cfg.output, rank, start, history)
     collate = FeedCollate(tok.pad_token_id, model.config.vision_config.image_size)
+    val = [] if not (config["val"] and cfg.val_every) else load_batches(  # held-out rows, on the host
+        ValPlan(**config["val"]), rank, tok.pad_token_id, model.config.vision_config.image_size)
     t_feed = time.perf_counter()
     # Starts at the data position: nothing trained is read again.
     micro = iter(rank_feed(plan, rank, start).iter_torch_batches(
@@ -132,7 +135,10 @@ def train_loop_per_worker(config: dict) -> None:
                         "grad_norm": None if norm is None else float(norm)})
         last = step + 1 == steps
         save = last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
-        if save or (step + 1) % cfg.log_every == 0:  # rank 0 tracks; the driver prints
+        validate = bool(val) and val_due(cfg.val_every, step + 1, steps, save)
+        if validate:  # every rank, same steps: a collective pass
+            pending[-1]["val_loss"] = validation_loss(engine, val)
+        if save or validate or (step + 1) % cfg.log_every == 0:  # rank 0 tracks; the driver prints
             records = sync_metrics(pending, world)  # one collective per window, not per step
             history += records
             tracker.log(records, history)
@@ -155,7 +161,7 @@ def sync_metrics(pending: list[dict], world: int) -> list[dict]:
     sums = all_reduce_sum([[p["loss"], p["tokens"], p["padded"]] for p in pending])
     return [{"step": p["step"], "loss": loss / world, "lr": p["lr"], "grad_norm": p["grad_norm"],
              "tokens_per_s": tokens / p["step_s"], "step_s": p["step_s"], "padding": 1 - tokens / padded,
-             "data_wait": p["data_wait"], "time": p["time"]}
+             "data_wait": p["data_wait"], "time": p["time"], **{k: p[k] for k in ("val_loss",) if k in p}}
             for p, (loss, tokens, padded) in zip(pending, sums, strict=True)]
 
 

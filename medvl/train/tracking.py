@@ -58,6 +58,8 @@ class Tracker:
             for tag in TAGS:
                 if r.get(tag) is not None:
                     self.writer.add_scalar(f"train/{tag}", r[tag], r["step"])
+            if r.get("val_loss") is not None:
+                self.writer.add_scalar("val/loss", r["val_loss"], r["step"])
         self.writer.flush()
         if self.remote:
             storage.write_text(self.metrics, _lines(history))

@@ -26,6 +26,7 @@ from medvl.rerun import conflict, differences, plain, save_config, saved_config
 from medvl.train.config import TrainConfig
 from medvl.train.feed import FeedPlan
 from medvl.train.loop import STATE_FILE, train_loop_per_worker
+from medvl.train.validation import ValPlan
 
 URI_FIELDS = ("data", "output", "init", "tokenizer", "vision_tower", "llm")
 
@@ -43,6 +44,15 @@ def feed_plan(cfg: TrainConfig, manifest: dict) -> FeedPlan:
                     shard_rows=tuple(manifest["shard_rows"]), world=cfg.num_workers,
                     share=cfg.batch_size * cfg.grad_accum, seed=cfg.seed, epochs=cfg.epochs,
                     group_by_length=cfg.group_by_length, max_steps=cfg.max_steps)
+
+
+def val_plan(cfg: TrainConfig, manifest: dict) -> ValPlan | None:
+    """Who holds which held-out rows (``val/`` shards; none from an older manifest or with
+    preprocess's ``val_fraction`` 0)."""
+    if not manifest.get("val_shards"):
+        return None
+    return ValPlan(shards=tuple(storage.join(cfg.data, s) for s in manifest["val_shards"]),
+                   shard_rows=tuple(manifest["val_shard_rows"]), world=cfg.num_workers, batch_size=cfg.batch_size)
 
 
 def checked_inputs(cfg: TrainConfig, command: str) -> TrainConfig:
@@ -90,10 +100,13 @@ def train(cfg: TrainConfig, placement: Placement | None = None, resume: bool = F
 
 
 def loop_config(cfg: TrainConfig, plan: FeedPlan, manifest: dict) -> dict:
-    """What every worker's ``train_loop_per_worker`` is given: the stage, its batch plan, where
-    to export, and the preprocessing facts the export records."""
+    """What every worker's ``train_loop_per_worker`` is given: the stage, its batch plan, who
+    holds which val rows (None: no validation), where to export, and the preprocessing facts
+    the export records."""
     pre = manifest["config"]
+    val = val_plan(cfg, manifest)
     return {"train": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan), "hf": storage.join(cfg.output, "hf"),
+            "val": val and dataclasses.asdict(val),
             "meta": {"template": pre["template"], "aspect": pre["aspect"], "image_size": pre["image_size"]}}
 
 
@@ -137,8 +150,16 @@ def summarize(checkpoint, cfg: TrainConfig, hf: str) -> dict:
     storage.write_bytes(storage.join(cfg.output, "loss.png"), loss_plot(history, f"stage {cfg.stage}"))
     losses = [h["loss"] for h in history]
     return {"stage": cfg.stage, "steps": state["step"], "first_loss": losses[0], "last_loss": losses[-1],
-            "min_loss": float(np.min(losses)), "hf": hf, "resumed_from": state["resumes"],
+            "min_loss": float(np.min(losses)), **val_summary(history), "hf": hf, "resumed_from": state["resumes"],
             "init_projector_sha256": state["init_projector_sha256"]}
+
+
+def val_summary(history: list[dict]) -> dict:
+    """The last and the best validation loss and their steps (None without validation)."""
+    val = [h for h in history if h.get("val_loss") is not None]
+    best = min(val, key=lambda h: h["val_loss"], default=None)
+    return {"last_val_loss": val[-1]["val_loss"] if val else None, "best_val_loss": best and best["val_loss"],
+            "best_val_step": best and best["step"]}
 
 
 def loss_plot(history: list[dict], title: str) -> bytes:
@@ -153,6 +174,9 @@ def loss_plot(history: list[dict], title: str) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, alpha=0.3, linewidth=1, label="per step")
     ax.plot(steps, smooth(losses), linewidth=2, label="smoothed (EMA 0.9)")
+    val = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", linewidth=2, label="validation (held-out rows)")
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.legend()
     ax.grid(alpha=0.3)

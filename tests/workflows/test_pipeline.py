@@ -85,6 +85,8 @@ def test_job_submit_runs_skips_and_resumes(ray_head, recipe, tmp_path):
     assert {p.name for p in (run / "plots").iterdir()} == {"stage1_loss.png", "stage2_loss.png", "eval_metrics.png"}
     assert "| stage2 |" in (run / "summary.md").read_text()
     assert summary["page"].startswith("http://127.0.0.1:") and f"Web page: {summary['page']}" in out  # issue #33
+    # demo.yaml holds 10% of each corpus out: each stage's last step has its validation loss
+    assert all(summary["stages"][k]["last_val_loss"] > 0 for k in ("stage1", "stage2"))
 
     out = submit(head, recipe, run)  # everything is complete: every step is skipped
     assert statuses(run) == dict.fromkeys(STEPS, "skipped")
