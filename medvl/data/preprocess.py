@@ -23,7 +23,7 @@ import ray
 
 from medvl import config, storage
 from medvl.console import init_ray
-from medvl.data import images, records, templates
+from medvl.data import holdout, images, records, templates
 from medvl.data.sources import chunk_lines, open_records, read_records
 from medvl.data.tokenize import IGNORE, Tokenized, encode_turns
 from medvl.data.writer import PARTS, ROW_GROUP_ROWS, ROW_SCHEMA, ShardSink, row_group_rows
@@ -57,7 +57,7 @@ class PreprocessConfig:
                 "(copies patient text out of the corpus)"})
     val_fraction: float = field(default=0.0, metadata={
         "help": "share of records held out for the training's validation loss, never trained on: "
-                "written to val/, chosen by a hash of the record id (same records on every run); 0: none"})
+                "written to val/, chosen by a hash of the image path (same records on every run); 0: none"})
     shard_records: int = field(default=1024, metadata={"help": "records per Parquet shard (upper bound)"})
     task_memory_mb: int = field(default=1500, metadata={
         "help": "host memory one preprocess task declares to Ray (benchmarks/scale.py measures the peak)"})
@@ -135,7 +135,8 @@ def finish(p: Prepared | dict[str, Any], data: bytes | OSError | None, cfg: Prep
         return _row(p.id, p.line, reason=e.reason, detail=f"{p.image}: {e.detail}")
     t = p.tokens
     return _row(p.id, p.line, detail=p.note, input_ids=t.input_ids, labels=t.labels, pixels=pixels.tobytes(),
-                question_tokens=t.question_tokens, answer_tokens=t.answer_tokens)
+                question_tokens=t.question_tokens, answer_tokens=t.answer_tokens,
+                holdout_key=holdout.holdout_key(p.image, p.id))
 
 
 def process_one(line_no: int, text: str, cfg: PreprocessConfig) -> dict[str, Any]:
@@ -145,12 +146,12 @@ def process_one(line_no: int, text: str, cfg: PreprocessConfig) -> dict[str, Any
 
 
 def _row(rec_id: str, line_no: int, reason: str = "", detail: str = "", input_ids=(), labels=(),
-         pixels: bytes = b"", question_tokens=(), answer_tokens=()) -> dict[str, Any]:
+         pixels: bytes = b"", question_tokens=(), answer_tokens=(), holdout_key: str = "") -> dict[str, Any]:
     return {
         "id": rec_id, "line": line_no, "reason": reason, "detail": detail,
         "input_ids": list(input_ids), "labels": list(labels), "pixels": pixels,
         "length": len(input_ids), "question_tokens": list(question_tokens),
-        "answer_tokens": list(answer_tokens),
+        "answer_tokens": list(answer_tokens), "holdout_key": holdout_key,
     }
 
 

@@ -26,6 +26,7 @@ ROW_SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
     ("pixels", pa.binary()), ("length", pa.int32()),
     ("question_tokens", pa.list_(pa.int32())), ("answer_tokens", pa.list_(pa.int32())),
+    ("holdout_key", pa.string()),  # what decides train or val (``holdout.holdout_key``); not stored
 ])
 SHARD_COLUMNS = ["id", "input_ids", "labels", "pixels", "length"]
 SHARD_SCHEMA = pa.schema([ROW_SCHEMA.field(c) for c in SHARD_COLUMNS])
@@ -127,7 +128,7 @@ class ShardSink(Datasink):
             "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
             "shards": [f"shards/{res['shard']}" for res in results if res["shards"]],
             "shard_rows": [res["shards"] for res in results if res["shards"]],
-            "val_fraction": self.val_fraction,  # held out by a hash of the id (holdout.py)
+            "val_fraction": self.val_fraction,  # held out by a hash of the image (holdout.py)
             "records_val": sum(res["val"] for res in results),
             "val_shards": [f"val/{res['shard']}" for res in results if res["val"]],
             "val_shard_rows": [res["val"] for res in results if res["val"]],

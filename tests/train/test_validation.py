@@ -1,4 +1,4 @@
-"""Validation loss on held-out rows: split at preprocessing by a hash of the record id, never
+"""Validation loss on held-out rows: split at preprocessing by a hash of the record's image, never
 in any rank's training batches, and equal to plain transformers' loss on those rows.
 
 Stage 2 from the random tiny preset, ZeRO-3 with gradient checkpointing (the hardest path: every
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from medvl import storage
-from medvl.data.holdout import held_out
+from medvl.data.holdout import held_out, holdout_key
 from medvl.data.preprocess import PreprocessConfig, preprocess
 from medvl.train.batching import collate, model_inputs
 from medvl.train.config import TrainConfig
@@ -65,13 +65,13 @@ def _rows(data: str, shards: list[str]) -> dict:
 
 
 def test_held_out_rows_are_never_in_a_training_batch(validated, val_data, demo_dir):
-    """The val shards hold exactly the records the id hash picks; no rank's planned batches
+    """The val shards hold exactly the records the image hash picks; no rank's planned batches
     (which the loop checks row by row against what it reads) hold one of them."""
     cfg, _ = validated
     manifest = read_manifest(val_data)
     val_ids = _ids(val_data, manifest["val_shards"])
     with open(demo_dir / "instruction_train.jsonl") as f:
-        picked = {r["id"] for r in map(json.loads, f) if held_out(r["id"], VAL_FRACTION)}
+        picked = {r["id"] for r in map(json.loads, f) if held_out(holdout_key(r["image"], r["id"]), VAL_FRACTION)}
     assert len(val_ids) == manifest["records_val"] == sum(manifest["val_shard_rows"]) >= 5
     assert set(val_ids) == picked and len(val_ids) % 2 == 1  # odd: one rank pads its passes
     train_ids = np.array(_ids(val_data, manifest["shards"]))
