@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 from medvl import storage
-from medvl.eval.stats import bootstrap_ci, wilson
+from medvl.eval.stats import ALPHA, bootstrap_ci, wilson
 
 METRICS = ("closed_accuracy", "open_recall", "exact_match", "token_f1", "bleu4", "rouge_l")
 PLOTTED = ("closed_accuracy", "open_recall", "token_f1", "rouge_l")
@@ -105,7 +105,20 @@ def control_notes(metrics: dict) -> list[str]:
                 notes.append(f"{name}: with {CONTROLS[cond]} images closed accuracy is {s['closed_accuracy']:.3f} "
                              f"[{lo:.3f}, {hi:.3f}], above chance {s['closed_chance']:.3f}: the model is not "
                              f"looking at the image for these questions.")
+        notes += open_recall_notes(cond, c["tests"])
     return notes
+
+
+def open_recall_notes(cond: str, tests: dict[str, dict]) -> list[str]:
+    """Open recall has no chance level, so its control is the paired test itself: where the
+    score does not fall significantly without the real image, it was not earned from the image
+    (a fixed phrase such as 「这是一张CT图像」 shares tokens with every reference)."""
+    kept = [f"{name} ({t['a']:.3f} → {t['b']:.3f}, p={t['p']:.2g})" for name, per_metric in tests.items()
+            if (t := per_metric.get("open_recall")) and (t["diff"] >= 0 or t["p"] >= ALPHA)]
+    if not kept:
+        return []
+    return [f"open recall does not fall significantly with {CONTROLS[cond]} images in {'; '.join(kept)}: "
+            f"these open scores do not depend on the image."]
 
 
 def _cell(s: dict, m: str) -> str:
