@@ -88,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from medvl.eval.evaluate import EvalConfig, evaluate
 
     metrics = evaluate(_config_from_args(EvalConfig, args), _placement(args))
-    print(json.dumps({k: metrics[k] for k in ("n", "errors", "closed_chance", "overall", "control_notes")},
+    print(json.dumps({k: metrics[k] for k in ("n", "errors", "closed_chance", "overall", "control_notes", "bilingual")},
                      indent=2, ensure_ascii=False))
 
 

@@ -26,6 +26,7 @@ from medvl.console import init_ray
 from medvl.data import images, records
 from medvl.data.images import PAD_COLOR
 from medvl.eval import llava_med
+from medvl.eval.bilingual import agreement
 from medvl.eval.compare import paired_by_group
 from medvl.eval.leakage import PHASH_BITS, find_overlaps
 from medvl.eval.metrics import answer_type, score
@@ -80,7 +81,8 @@ def load_eval_records(uri: str, limit: int = 0) -> list[dict]:
               "prompt": [*rec.turns[:-1], (question, None)],  # earlier turns as given, <image> kept
               "question": question.replace(records.IMAGE, "").strip(), "answer": answer,
               "choices": raw.get("choices"),
-              "modality": raw.get("modality") or "unknown", "task": raw.get("task") or "vqa"}
+              "modality": raw.get("modality") or "unknown", "task": raw.get("task") or "vqa",
+              "lang": raw.get("lang"), "pair": raw.get("pair")}  # the same question in another language
         ex["answer_type"] = answer_type({**raw, **ex})
         out.append(ex)
         if limit and len(out) >= limit:
@@ -220,5 +222,5 @@ def evaluate(cfg: EvalConfig, placement: Placement | None = None) -> dict:
     image = [r for r in rows if r["condition"] == "image"]
     extra = {"llava_med": llava_med.scores(image)} if cfg.protocol == "llava-med" else {}
     meta = {"model": cfg.model, "data": cfg.data, **extra, "setup": setup(cfg), "provenance": provenance,
-            "leakage": leakage}
+            "leakage": leakage, "bilingual": agreement(image)}
     return write_report(rows, cfg.output, meta, control_tests(rows))

@@ -157,6 +157,25 @@ def controls_markdown(metrics: dict) -> list[str]:
     return [*lines, "", *[f"- {n}" for n in notes], ""]
 
 
+def bilingual_markdown(bi: dict | None) -> list[str]:
+    """Cross-language agreement per group, or one line saying no question was paired."""
+    if bi is None:
+        return []
+    if not bi["pairs"]:
+        return ["Cross-language agreement: no question here is asked in both Chinese and English (records "
+                "pair them with `pair` and `lang`; `import-vqa --format slake --lang all` sets both).", ""]
+    lines = ["## Cross-language agreement", "",
+             f"{bi['pairs']} questions asked in both languages about the same image. A pair agrees when both "
+             "answers are right, or both wrong with the same normalised answer (是/否 = yes/no, a closed answer "
+             "mapped to the choice it names); two wrong open answers in their own words count as disagreeing, "
+             "so where they are wrong the figure is a lower bound. 95% Wilson intervals.", "",
+             "| group | pairs | agreement | both right |", "|---|---|---|---|"]
+    for name, g in bi["groups"].items():
+        lo, hi = g["agreement_ci"]
+        lines.append(f"| {name} | {g['n']} | {g['agreement']:.3f} [{lo:.2f}, {hi:.2f}] | {g['both_right']} |")
+    return [*lines, ""]
+
+
 def setup_markdown(metrics: dict) -> list[str]:
     """What a published number must match before it can be compared with ours."""
     setup, prov = metrics.get("setup") or {}, metrics.get("provenance") or {}
@@ -211,7 +230,7 @@ def markdown(metrics: dict, rows: list[dict]) -> str:
         cells = " | ".join(_cell(s, m) for m in METRICS)
         chance = f"{s['closed_chance']:.3f}" if "closed_chance" in s else "–"
         lines.append(f"| {name} | {s['n']} | {cells} | {chance} |")
-    lines += ["", *controls_markdown(metrics), *setup_markdown(metrics)]
+    lines += ["", *controls_markdown(metrics), *bilingual_markdown(metrics.get("bilingual")), *setup_markdown(metrics)]
     lines += ["## Worst-scored examples", "", "| id | question | expected | predicted | note |",
               "|---|---|---|---|---|"]
     for r in worst(rows):
@@ -289,8 +308,8 @@ def write_report(rows: list[dict], output: str, meta: dict, tests: dict[str, dic
     storage.write_text(storage.join(output, "metrics.json"), json.dumps(metrics, ensure_ascii=False, indent=2))
     storage.write_text(storage.join(output, "report.md"), markdown(metrics, image))
     storage.write_bytes(storage.join(output, "metrics.png"), bar_chart(metrics))
-    keep = ("id", "condition", "image", "task", "modality", "answer_type", "question", "answer", "choices",
-            "prediction", "error", "scores")
+    keep = ("id", "condition", "image", "task", "modality", "answer_type", "lang", "pair", "question", "answer",
+            "choices", "prediction", "error", "scores")
     storage.write_text(storage.join(output, "predictions.jsonl"), "".join(
         json.dumps({k: r.get(k, "image" if k == "condition" else None) for k in keep}, ensure_ascii=False) + "\n"
         for r in rows))
