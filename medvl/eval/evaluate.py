@@ -54,12 +54,18 @@ class EvalConfig:
     protocol: Literal["medvl", "llava-med"] = field(default="medvl", metadata={
         "help": "llava-med: also score as LLaVA-Med's run_eval.py does, for comparison with published figures"})
     controls: bool = field(default=True, metadata={
-        "help": "also answer every question with a blank and with another record's image (3x the cost)"})
+        "help": "image-dependence controls, on by default: also answer every question with a blank image and "
+                "with another record's image, so the report shows whether scores fall to chance without the "
+                "real one (3x the questions); --no-controls asks with the real images only"})
     leakage_data: str = field(default="", metadata={
-        "help": "training records (.jsonl) whose images are compared with the eval images before scoring"})
-    leakage_image_root: str = field(default="", metadata={"help": "directory leakage_data's image paths are relative to"})
+        "help": "training records (.jsonl): before scoring, every eval image is compared with the images they "
+                "name (SHA-256 of the pixels, and a perceptual hash for resized or re-encoded copies) and the "
+                "report lists overlaps by question id; unset: the report says leakage was not checked"})
+    leakage_image_root: str = field(default="", metadata={
+        "help": "directory leakage_data's image paths are relative to; empty: image_root"})
     leakage_drop: bool = field(default=False, metadata={
-        "help": "leave out the questions whose image was found in the training corpus"})
+        "help": "leave out of the scores the questions whose image was found in the training corpus "
+                "(default: list them and still score them)"})
     regime: Literal["unstated", "zero-shot", "fine-tuned"] = field(default="unstated", metadata={
         "help": "fine-tuned: the model was trained on this benchmark's train split (stated in the report)"})
 
