@@ -210,8 +210,9 @@ def evaluate(cfg: EvalConfig, placement: Placement | None = None) -> dict:
             raise ValueError(f"eval: --{name.replace('_', '-')} is required")
     cfg = dataclasses.replace(cfg, **{k: storage.absolute(getattr(cfg, k))
                                       for k in ("model", "data", "image_root", "output")})
-    check_inputs({"model": storage.join(cfg.model, "config.json"), "data": cfg.data, "image_root": cfg.image_root},
-                 outputs=(cfg.output,))
+    check_inputs({"model": storage.join(cfg.model, "config.json"), "data": cfg.data, "image_root": cfg.image_root,
+                  "leakage_data": storage.absolute(cfg.leakage_data) if cfg.leakage_data else ""},
+                 outputs=(cfg.output,))  # a missing training corpus: said before Ray starts, not in a task
     examples = load_eval_records(cfg.data, cfg.limit)
     if not examples:
         raise ValueError(f"eval: {cfg.data} holds no records")
