@@ -218,7 +218,9 @@ def _args_import_vqa(p: argparse.ArgumentParser) -> None:
     p.add_argument("--src", required=True, help="unpacked release directory (path or s3://)")
     p.add_argument("--output", required=True, help="records file to write (.jsonl)")
     p.add_argument("--split", default="test", help="split to import (vqa-rad: test|train|all)")
-    p.add_argument("--lang", default="all", choices=["all", "en", "zh"], help="SLAKE: question language")
+    p.add_argument("--lang", default="all", choices=["all", "en", "zh"],
+                   help="SLAKE: question language; all: both, the translated questions paired for the "
+                        "cross-language agreement")
 
 
 def _args_serve(p: argparse.ArgumentParser) -> None:

@@ -94,3 +94,15 @@ def test_no_pairs_is_one_line(tmp_path):
     write_report(rows, str(tmp_path / "out"), {"model": "m", "data": "d", "bilingual": agreement(rows)})
     lines = [x for x in (tmp_path / "out" / "report.md").read_text().splitlines() if "Cross-language" in x]
     assert len(lines) == 1 and "no question here is asked in both Chinese and English" in lines[0]
+
+
+def test_run_summary_states_the_agreement(tmp_path):
+    from medvl.summary import write_summary
+
+    rows = scored(tmp_path)
+    metrics = write_report(rows, str(tmp_path / "eval"), {"model": "m", "data": "d", "bilingual": agreement(rows)})
+    outputs = {"stage1": str(tmp_path / "s1"), "stage2": str(tmp_path / "s2"), "eval": str(tmp_path / "eval")}
+    write_summary(str(tmp_path / "run"), outputs, "recipe.yaml", {"evaluate": {"result": metrics}},
+                  {"evaluate": {"status": "done"}})
+    md = (tmp_path / "run" / "summary.md").read_text()
+    assert "- the same question in Chinese and English (4 pairs): same answer 0.500 [0.150, 0.850]" in md
