@@ -88,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from medvl.eval.evaluate import EvalConfig, evaluate
 
     metrics = evaluate(_config_from_args(EvalConfig, args), _placement(args))
-    print(json.dumps({k: metrics[k] for k in ("n", "errors", "closed_chance", "overall", "control_notes")},
+    print(json.dumps({k: metrics[k] for k in ("n", "errors", "closed_chance", "overall", "control_notes", "bilingual")},
                      indent=2, ensure_ascii=False))
 
 
@@ -219,7 +219,9 @@ def _args_import_vqa(p: argparse.ArgumentParser) -> None:
     p.add_argument("--src", required=True, help="unpacked release directory (path or s3://)")
     p.add_argument("--output", required=True, help="records file to write (.jsonl)")
     p.add_argument("--split", default="test", help="split to import (vqa-rad: test|train|all)")
-    p.add_argument("--lang", default="all", choices=["all", "en", "zh"], help="SLAKE: question language")
+    p.add_argument("--lang", default="all", choices=["all", "en", "zh"],
+                   help="SLAKE: question language; all: both, the translated questions paired for the "
+                        "cross-language agreement")
 
 
 def _args_serve(p: argparse.ArgumentParser) -> None:

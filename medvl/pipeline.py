@@ -284,7 +284,7 @@ def check_recipe_inputs(r: Recipe) -> None:
     ones inside are written by earlier steps) and every S3 bucket it uses is reachable."""
     sections = {"preprocess_alignment": r.preprocess_alignment, "preprocess_instruction": r.preprocess_instruction,
                 "stage1": r.stage1, "stage2": r.stage2, "eval": r.eval}
-    fields = ("data", "image_root", "tokenizer", "init", "vision_tower", "llm", "model")
+    fields = ("data", "image_root", "tokenizer", "init", "vision_tower", "llm", "model", "leakage_data")
     inputs = {f"{name}.{f}": storage.absolute(getattr(cfg, f)) for name, cfg in sections.items()
               for f in fields if getattr(cfg, f, "")}
     check_inputs(inputs, outputs=(r.run,), produced=(r.run,))

@@ -74,6 +74,10 @@ def summary_markdown(s: dict) -> str:
             lines += [f"- {n}" for n in e["control_notes"]] or [
                 "- every group's closed accuracy is above chance with its images and falls to chance "
                 "with blank or shuffled ones"]
+        if (bi := e.get("bilingual") or {}).get("pairs"):
+            g = bi["groups"]["overall"]
+            lines.append(f"- the same question in Chinese and English ({g['n']} pairs): same answer "
+                         f"{g['agreement']:.3f} [{g['agreement_ci'][0]:.3f}, {g['agreement_ci'][1]:.3f}]")
         if "finding" in e.get("by_task", {}):
             lines.append("- the findings are synthetic: round \"nodules\" painted into the demo images "
                          "(`medvl/data/demo.py`), asked about to show the model looks at the image")

@@ -9,9 +9,7 @@ import json
 
 from medvl import storage
 from medvl.eval.report import group_rows
-from medvl.eval.stats import mcnemar, paired_bootstrap
-
-ALPHA = 0.05
+from medvl.eval.stats import ALPHA, mcnemar, paired_bootstrap
 
 
 def paired_by_group(a: list[dict], b: list[dict]) -> dict[str, dict]:

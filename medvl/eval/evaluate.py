@@ -26,6 +26,7 @@ from medvl.console import init_ray
 from medvl.data import images, records
 from medvl.data.images import PAD_COLOR
 from medvl.eval import llava_med
+from medvl.eval.bilingual import agreement
 from medvl.eval.compare import paired_by_group
 from medvl.eval.leakage import PHASH_BITS, find_overlaps
 from medvl.eval.metrics import answer_type, score
@@ -53,12 +54,18 @@ class EvalConfig:
     protocol: Literal["medvl", "llava-med"] = field(default="medvl", metadata={
         "help": "llava-med: also score as LLaVA-Med's run_eval.py does, for comparison with published figures"})
     controls: bool = field(default=True, metadata={
-        "help": "also answer every question with a blank and with another record's image (3x the cost)"})
+        "help": "image-dependence controls, on by default: also answer every question with a blank image and "
+                "with another record's image, so the report shows whether scores fall to chance without the "
+                "real one (3x the questions); --no-controls asks with the real images only"})
     leakage_data: str = field(default="", metadata={
-        "help": "training records (.jsonl) whose images are compared with the eval images before scoring"})
-    leakage_image_root: str = field(default="", metadata={"help": "directory leakage_data's image paths are relative to"})
+        "help": "training records (.jsonl): before scoring, every eval image is compared with the images they "
+                "name (SHA-256 of the pixels, and a perceptual hash for resized or re-encoded copies) and the "
+                "report lists overlaps by question id; unset: the report says leakage was not checked"})
+    leakage_image_root: str = field(default="", metadata={
+        "help": "directory leakage_data's image paths are relative to; empty: image_root"})
     leakage_drop: bool = field(default=False, metadata={
-        "help": "leave out the questions whose image was found in the training corpus"})
+        "help": "leave out of the scores the questions whose image was found in the training corpus "
+                "(default: list them and still score them)"})
     regime: Literal["unstated", "zero-shot", "fine-tuned"] = field(default="unstated", metadata={
         "help": "fine-tuned: the model was trained on this benchmark's train split (stated in the report)"})
 
@@ -80,7 +87,8 @@ def load_eval_records(uri: str, limit: int = 0) -> list[dict]:
               "prompt": [*rec.turns[:-1], (question, None)],  # earlier turns as given, <image> kept
               "question": question.replace(records.IMAGE, "").strip(), "answer": answer,
               "choices": raw.get("choices"),
-              "modality": raw.get("modality") or "unknown", "task": raw.get("task") or "vqa"}
+              "modality": raw.get("modality") or "unknown", "task": raw.get("task") or "vqa",
+              "lang": raw.get("lang"), "pair": raw.get("pair")}  # the same question in another language
         ex["answer_type"] = answer_type({**raw, **ex})
         out.append(ex)
         if limit and len(out) >= limit:
@@ -202,8 +210,9 @@ def evaluate(cfg: EvalConfig, placement: Placement | None = None) -> dict:
             raise ValueError(f"eval: --{name.replace('_', '-')} is required")
     cfg = dataclasses.replace(cfg, **{k: storage.absolute(getattr(cfg, k))
                                       for k in ("model", "data", "image_root", "output")})
-    check_inputs({"model": storage.join(cfg.model, "config.json"), "data": cfg.data, "image_root": cfg.image_root},
-                 outputs=(cfg.output,))
+    check_inputs({"model": storage.join(cfg.model, "config.json"), "data": cfg.data, "image_root": cfg.image_root,
+                  "leakage_data": storage.absolute(cfg.leakage_data) if cfg.leakage_data else ""},
+                 outputs=(cfg.output,))  # a missing training corpus: said before Ray starts, not in a task
     examples = load_eval_records(cfg.data, cfg.limit)
     if not examples:
         raise ValueError(f"eval: {cfg.data} holds no records")
@@ -220,5 +229,5 @@ def evaluate(cfg: EvalConfig, placement: Placement | None = None) -> dict:
     image = [r for r in rows if r["condition"] == "image"]
     extra = {"llava_med": llava_med.scores(image)} if cfg.protocol == "llava-med" else {}
     meta = {"model": cfg.model, "data": cfg.data, **extra, "setup": setup(cfg), "provenance": provenance,
-            "leakage": leakage}
+            "leakage": leakage, "bilingual": agreement(image)}
     return write_report(rows, cfg.output, meta, control_tests(rows))

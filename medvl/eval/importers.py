@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 
 from medvl import storage
-from medvl.eval.metrics import canonical
+from medvl.eval.metrics import canonical, normalize
 from medvl.eval.provenance import sidecar, split_hash
 
 YES_NO = ["yes", "no"]
@@ -75,8 +75,55 @@ def vqa_rad(src: str, split: str = "test") -> list[dict]:
     return out
 
 
+# SLAKE 1.0 has no id linking a question to its other-language version, and its Chinese
+# questions are not translations of the English ones in order: of the English/Chinese questions
+# on the same image with the same content_type, the k-th of each differ about half the time
+# (measured: "Is this a coronal plane?" beside 这是横断面吗?, "small bowel" beside 气管), some
+# with the polarity flipped (healthy/异常). So only these templates, which are translations of
+# each other, are paired (checked by hand; ~35% of the questions), and only where an image holds
+# exactly one question of the template in each language.
+SLAKE_EN_ZH = (
+    ("What modality is used to take this image?", "这张图片的成像方式是什么?"),
+    ("Which part of the body does this image belong to?", "图像里包含的区域属于身体哪个部分?"),
+    ("What diseases are included in the picture?", "图片中包含哪些疾病?"),
+    ("Where is/are the abnormality located?", "异常病变在哪个位置?"),
+    ("What is the scanning plane of this image?", "这个图像的扫描平面是什么?"),
+    ("What is the largest organ in the picture?", "图片中最大的器官是什么?"),
+    ("What is the main organ in the image?", "图片主要器官是什么?"),
+    ("What is the mr weighting in this image?", "这张MRI图片用的什么加权方式?"),
+    ("Does the picture contain liver?", "图片中包含肝脏吗?"),
+    ("Does the picture contain kidney?", "图片中包含肾脏吗?"),
+    ("Does the picture contain spleen?", "图片中包含脾脏吗?"),
+    ("Does the picture contain lung?", "图片中包含肺吗?"),
+    ("Does the picture contain heart?", "图片中包含心脏吗?"),
+    ("Is the liver healthy?", "肝脏是健康的吗?"),
+    ("Does this image look normal?", "这张图片看起来正常吗?"),
+    ("Which organ is abnormal, heart or lung?", "肺或者心脏哪个是异常的?"),
+    ("How many kidneys in this image?", "图中有多少个肾脏?"),
+    ("How many organs are there in this image?", "图中有多少个器官?"),
+    ("How many kinds of abnormalities are there in this image?", "该图像中有多少种异常?"),
+    ("Where is the liver?", "肝脏在哪个位置?"),
+    ("What is the organ on the top of the body in this image?", "图像中身体顶部的器官是什么?"),
+    ("What is the rightmost organ in this image?", "位于图片最右侧的器官是什么?"),
+    ("Is this a study of the chest?", "这张图像是关于胸腔吗?"),
+    ("How much damage will be caused to the body taking such an image?", "拍这样的图像会对身体造成多大的伤害?"),
+)
+_TEMPLATE = {normalize(q): t for t, two in enumerate(SLAKE_EN_ZH) for q in two}
+
+
+def slake_pairs(items: list[dict]) -> dict[str, str]:
+    """qid -> pair key for the questions asked in both languages about one image (above)."""
+    found: dict[tuple, list[dict]] = {}
+    for it in items:
+        if (t := _TEMPLATE.get(normalize(str(it["question"])))) is not None:
+            found.setdefault((it["img_id"], t), []).append(it)
+    return {str(it["qid"]): f"slake-{img}-t{t}" for (img, t), two in found.items()
+            if sorted(x.get("q_lang") for x in two) == ["en", "zh"] for it in two}
+
+
 def slake(src: str, split: str = "test", lang: str = "all") -> list[dict]:
     items = json.loads(storage.read_text(storage.join(src, source_file("slake", src, split))))
+    pair = slake_pairs(items)
     out = []
     for it in items:
         if lang != "all" and it.get("q_lang") != lang:
@@ -84,7 +131,8 @@ def slake(src: str, split: str = "test", lang: str = "all") -> list[dict]:
         answer = str(it["answer"]).strip()
         kind, choices = _closed_or_open(answer, it.get("answer_type"))
         out.append(record("slake", str(it["qid"]), f"imgs/{it['img_name']}", it["question"],
-                          answer, kind, choices, it.get("modality")))
+                          answer, kind, choices, it.get("modality"))
+                   | {"lang": it.get("q_lang"), "pair": pair.get(str(it["qid"]))})
     return out
 
 

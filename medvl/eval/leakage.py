@@ -71,8 +71,13 @@ def fingerprints(paths: list[str], root: str, batch_size: int = 64) -> ray.data.
     return ds.map_batches(_fingerprints, batch_size=batch_size, fn_kwargs={"root": root})
 
 
+_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)  # set bits of each byte value
+
+
 def _popcount(x: np.ndarray) -> np.ndarray:
-    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1)
+    """Set bits of each uint64, by byte lookup: 8 bytes per hash in flight, where unpacking
+    to bits took 64 (4096 training x 2,000 eval hashes: 66 MB, not 525 MB, per task)."""
+    return _BITS[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int64)
 
 
 def _matches(batch: dict[str, np.ndarray], eval_rows: list[dict]) -> dict[str, list]:

@@ -17,8 +17,9 @@ from collections import Counter
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
-YES = {"是", "是的", "对", "有", "正确", "yes", "y", "true", "correct"}
-NO = {"否", "不是", "不", "没有", "无", "不对", "错误", "no", "n", "false", "incorrect"}
+# 包含/不包含 (contains / does not): SLAKE's Chinese answers to "Does the picture contain X?"
+YES = {"是", "是的", "对", "有", "正确", "包含", "包括", "yes", "y", "true", "correct"}
+NO = {"否", "不是", "不", "没有", "无", "不对", "错误", "不包含", "不包括", "no", "n", "false", "incorrect"}
 LEAD_YES = {"是", "对", "有", "yes", "y", "true", "correct"}  # first token of a longer answer
 LEAD_NO = {"否", "不", "没", "无", "错", "no", "n", "false", "incorrect"}
 _WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[a-z0-9]+(?:\.[0-9]+)?")
@@ -63,10 +64,22 @@ def choose(prediction: str, choices: list[str]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def options(answer: str, choices: list[str] | None) -> list[str]:
+    """What a closed answer is chosen from: its choices, yes/no, else the answer alone."""
+    return list(choices) if choices else (["yes", "no"] if canonical(answer) in ("yes", "no") else [answer])
+
+
 def closed_correct(prediction: str, answer: str, choices: list[str] | None) -> bool:
-    options = list(choices) if choices else (["yes", "no"] if canonical(answer) in ("yes", "no") else [answer])
-    picked = choose(prediction, options)
+    picked = choose(prediction, options(answer, choices))
     return picked is not None and canonical(picked) == canonical(answer)
+
+
+def named_answer(prediction: str, record: dict) -> str:
+    """The normalised answer a prediction gives: for a closed question the choice it names
+    (「是的，可以看到」 -> 'yes'), otherwise its own normalised text."""
+    picked = choose(prediction, options(record["answer"], record.get("choices"))) \
+        if answer_type(record) == "closed" else None
+    return canonical(prediction if picked is None else picked)
 
 
 def exact_match(prediction: str, answer: str) -> float:

@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 from medvl import storage
-from medvl.eval.stats import bootstrap_ci, wilson
+from medvl.eval.stats import ALPHA, bootstrap_ci, wilson
 
 METRICS = ("closed_accuracy", "open_recall", "exact_match", "token_f1", "bleu4", "rouge_l")
 PLOTTED = ("closed_accuracy", "open_recall", "token_f1", "rouge_l")
@@ -105,7 +105,20 @@ def control_notes(metrics: dict) -> list[str]:
                 notes.append(f"{name}: with {CONTROLS[cond]} images closed accuracy is {s['closed_accuracy']:.3f} "
                              f"[{lo:.3f}, {hi:.3f}], above chance {s['closed_chance']:.3f}: the model is not "
                              f"looking at the image for these questions.")
+        notes += open_recall_notes(cond, c["tests"])
     return notes
+
+
+def open_recall_notes(cond: str, tests: dict[str, dict]) -> list[str]:
+    """Open recall has no chance level, so its control is the paired test itself: where the
+    score does not fall significantly without the real image, it was not earned from the image
+    (a fixed phrase such as 「这是一张CT图像」 shares tokens with every reference)."""
+    kept = [f"{name} ({t['a']:.3f} → {t['b']:.3f}, p={t['p']:.2g})" for name, per_metric in tests.items()
+            if (t := per_metric.get("open_recall")) and (t["diff"] >= 0 or t["p"] >= ALPHA)]
+    if not kept:
+        return []
+    return [f"open recall does not fall significantly with {CONTROLS[cond]} images in {'; '.join(kept)}: "
+            f"these open scores do not depend on the image."]
 
 
 def _cell(s: dict, m: str) -> str:
@@ -142,6 +155,25 @@ def controls_markdown(metrics: dict) -> list[str]:
                                              "falls to chance (or below) under both controls: the answers depend "
                                              "on the image."]
     return [*lines, "", *[f"- {n}" for n in notes], ""]
+
+
+def bilingual_markdown(bi: dict | None) -> list[str]:
+    """Cross-language agreement per group, or one line saying no question was paired."""
+    if bi is None:
+        return []
+    if not bi["pairs"]:
+        return ["Cross-language agreement: no question here is asked in both Chinese and English (records "
+                "pair them with `pair` and `lang`; `import-vqa --format slake --lang all` sets both).", ""]
+    lines = ["## Cross-language agreement", "",
+             f"{bi['pairs']} questions asked in both languages about the same image. A pair agrees when both "
+             "answers are right, or both wrong with the same normalised answer (是/否 = yes/no, a closed answer "
+             "mapped to the choice it names); two wrong open answers in their own words count as disagreeing, "
+             "so where they are wrong the figure is a lower bound. 95% Wilson intervals.", "",
+             "| group | pairs | agreement | both right |", "|---|---|---|---|"]
+    for name, g in bi["groups"].items():
+        lo, hi = g["agreement_ci"]
+        lines.append(f"| {name} | {g['n']} | {g['agreement']:.3f} [{lo:.2f}, {hi:.2f}] | {g['both_right']} |")
+    return [*lines, ""]
 
 
 def setup_markdown(metrics: dict) -> list[str]:
@@ -198,7 +230,7 @@ def markdown(metrics: dict, rows: list[dict]) -> str:
         cells = " | ".join(_cell(s, m) for m in METRICS)
         chance = f"{s['closed_chance']:.3f}" if "closed_chance" in s else "–"
         lines.append(f"| {name} | {s['n']} | {cells} | {chance} |")
-    lines += ["", *controls_markdown(metrics), *setup_markdown(metrics)]
+    lines += ["", *controls_markdown(metrics), *bilingual_markdown(metrics.get("bilingual")), *setup_markdown(metrics)]
     lines += ["## Worst-scored examples", "", "| id | question | expected | predicted | note |",
               "|---|---|---|---|---|"]
     for r in worst(rows):
@@ -276,8 +308,8 @@ def write_report(rows: list[dict], output: str, meta: dict, tests: dict[str, dic
     storage.write_text(storage.join(output, "metrics.json"), json.dumps(metrics, ensure_ascii=False, indent=2))
     storage.write_text(storage.join(output, "report.md"), markdown(metrics, image))
     storage.write_bytes(storage.join(output, "metrics.png"), bar_chart(metrics))
-    keep = ("id", "condition", "image", "task", "modality", "answer_type", "question", "answer", "choices",
-            "prediction", "error", "scores")
+    keep = ("id", "condition", "image", "task", "modality", "answer_type", "lang", "pair", "question", "answer",
+            "choices", "prediction", "error", "scores")
     storage.write_text(storage.join(output, "predictions.jsonl"), "".join(
         json.dumps({k: r.get(k, "image" if k == "condition" else None) for k in keep}, ensure_ascii=False) + "\n"
         for r in rows))

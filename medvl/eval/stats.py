@@ -23,6 +23,7 @@ import numpy as np
 Z95 = 1.959963984540054  # standard normal quantile at 0.975
 RESAMPLES = 2000
 SEED = 0  # fixed: the same rows always give the same interval
+ALPHA = 0.05  # a paired difference with p below this is called significant
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:

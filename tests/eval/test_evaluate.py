@@ -97,3 +97,26 @@ def test_trained_model_beats_untrained_and_bad_inputs_are_counted(stage2, untrai
     paired = compare_runs(str(tmp_path / "untrained"), str(tmp_path / "trained"))["overall"]
     assert paired["closed_accuracy"]["diff"] == pytest.approx(t["closed_accuracy"] - u["closed_accuracy"])
     assert paired["closed_accuracy"]["p"] < 0.001 and paired["closed_accuracy"]["ci"][0] > 0
+
+
+def test_bilingual_agreement_from_a_slake_eval(untrained, tmp_path, capsys):
+    """A SLAKE-format split (both languages) through import-vqa and the real eval: the four
+    translated pairs are found, and the agreement in metrics.json, report.md and the CLI's
+    summary is what the written answers give (hand-set answers: tests/eval/test_bilingual.py)."""
+    from medvl.cli import main
+    from medvl.eval.bilingual import agreement
+    from medvl.eval.importers import import_vqa
+    from tests.eval.test_bilingual import write_slake
+
+    src = tmp_path / "slake"
+    src.mkdir()
+    write_slake(src)
+    import_vqa("slake", str(src), str(tmp_path / "slake.jsonl"), "test")
+    main(["eval", "--model", untrained, "--data", str(tmp_path / "slake.jsonl"), "--image-root", str(src),
+          "--output", str(tmp_path / "out"), "--max-tokens", "8", "--cpus-per-replica", "0.5", "--no-controls"])
+    printed = json.loads(capsys.readouterr().out)
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    preds = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert m["bilingual"]["pairs"] == 4 and m["bilingual"] == agreement(preds) == printed["bilingual"]
+    g = m["bilingual"]["groups"]["overall"]
+    assert f"| overall | 4 | {g['agreement']:.3f}" in (tmp_path / "out" / "report.md").read_text()

@@ -63,3 +63,16 @@ def test_planted_training_image_is_found_and_dropped(demo_dir, tmp_path):
     assert any(o["train_image"] == rel and o["kind"] == "near" for o in by_eval["planted.jpg"]), by_eval
     assert any(o["train_image"] == rel and o["kind"] == "exact" and o["bits"] == 0 for o in by_eval["resaved.png"])
     assert leakage["questions"] == ["q-planted.jpg", "q-resaved.png"] and kept == [{**examples[2], "index": 0}]
+
+
+def test_missing_training_corpus_is_refused_before_ray(tmp_path):
+    """A leakage_data path that does not exist is named before Ray starts or any image is read."""
+    from medvl.eval.evaluate import evaluate
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "eval.jsonl").write_text("")
+    cfg = EvalConfig(model=str(tmp_path / "model"), data=str(tmp_path / "eval.jsonl"), image_root=str(tmp_path),
+                     output=str(tmp_path / "out"), leakage_data=str(tmp_path / "no-such-train.jsonl"))
+    with pytest.raises(ValueError, match="leakage_data: .*no-such-train.jsonl does not exist"):
+        evaluate(cfg)

@@ -25,6 +25,8 @@ def test_canonical_folds_yes_no_and_width(text, canon):
     ("Yes, there is", "yes", None, True),              # yes/no without listed choices
     ("normal", "no", None, False),                     # "n..." is not "no"
     ("left lobe", "left", None, True),                 # closed non-yes/no: contains the answer
+    ("不包含", "包含", None, False),                     # SLAKE zh: 包含 is its yes, not a word inside 不包含
+    ("不包括", "不包含", None, True),
 ])
 def test_closed_accuracy(pred, answer, choices, ok):
     assert m.closed_correct(pred, answer, choices) is ok

@@ -122,3 +122,26 @@ def test_run_summary_carries_the_control_notes(tmp_path, capsys):
     assert s["plots"] == ["plots/eval_metrics.png"] and (tmp_path / "run" / "plots" / "eval_metrics.png").is_file()
     md = (tmp_path / "run" / "summary.md").read_text()
     assert "- task: finding: with blank (CLIP mean colour) images closed accuracy is 1.000" in md
+
+
+def open_rows(condition: str, recall: list[float]) -> list[dict]:
+    return [{"index": i, "id": f"o{i}", "image": f"{i}.png", "question": "这是什么检查？", "answer": "这是一张胰腺CT图像。",
+             "choices": None, "task": "modality", "modality": "CT", "answer_type": "open", "condition": condition,
+             "prediction": "这是一张CT图像。", "error": "", "scores": {"open_recall": r, "token_f1": r}}
+            for i, r in enumerate(recall)]
+
+
+def test_open_recall_that_survives_the_controls_is_called_out(tmp_path):
+    """Open recall has no chance level: the demo's model answers 「这是一张CT图像。」 to every open
+    question under every condition (0.66 recall, measured), and the report must say those
+    scores do not depend on the image; a recall that falls without the image is not flagged."""
+    from medvl.eval.evaluate import control_tests
+
+    same = open_rows("image", [0.78] * 20) + open_rows("blank", [0.78] * 20)
+    m = write_report(same, str(tmp_path / "same"), {"model": "m", "data": "d"}, control_tests(same))
+    flagged = [n for n in m["control_notes"] if n.startswith("open recall does not fall")]
+    assert len(flagged) == 1 and "task: modality (0.780 → 0.780, p=1)" in flagged[0]
+    assert "these open scores do not depend on the image" in (tmp_path / "same" / "report.md").read_text()
+    falls = open_rows("image", [0.9] * 20) + open_rows("blank", [0.1] * 20)
+    m = write_report(falls, str(tmp_path / "falls"), {"model": "m", "data": "d"}, control_tests(falls))
+    assert not any(n.startswith("open recall") for n in m["control_notes"])
