@@ -32,7 +32,7 @@ from medvl.train.config import TrainConfig
 from medvl.train.export import export_hf
 from medvl.train.feed import FeedCollate, FeedPlan, rank_feed, record_read
 from medvl.train.loss import causal_lm_loss
-from medvl.train.memory import PhasePeaks, release_free_memory
+from medvl.train.memory import PhasePeaks, release_free_memory, return_large_frees_at_once
 from medvl.train.optim import lr_lambda, trainable_groups
 from medvl.train.tracking import Tracker
 from medvl.train.zero import deepspeed_config, initialize
@@ -65,6 +65,7 @@ def train_loop_per_worker(config: dict) -> None:
     from medvl.train.model import build_model
 
     cfg = TrainConfig(**config["train"])
+    return_large_frees_at_once()
     memory = PhasePeaks()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -77,8 +78,10 @@ def train_loop_per_worker(config: dict) -> None:
     memory.mark("load")
     plan = FeedPlan(**config["plan"])
     steps = plan.steps
-    opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=cfg.use_gpu)  # one kernel per step on GPU, as benchmarked
+    # Fused on CPU too: the per-tensor AdamW allocated two temporaries the size of the
+    # optimizer's parameters at each step (ZeRO-3 on 2 ranks: +1 W on the worker's peak, and
+    # 12x the step's time; benchmarks/memory.py). One kernel per step on GPU, as benchmarked.
+    opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_ratio))
     engine = initialize(model, opt, sched, deepspeed_config(cfg))
     memory.mark("setup")  # under ZeRO-3, the full weights are partitioned here
@@ -126,8 +129,11 @@ def train_loop_per_worker(config: dict) -> None:
             tokens += batch["attention_mask"].sum().item()
             padded += batch["attention_mask"].numel()
             loss = causal_lm_loss(engine, batch)  # the head only where labelled, in chunks
+            memory.mark_first("forward")
             engine.backward(loss)
+            memory.mark_first("backward")
             engine.step()
+            memory.mark_first("step")
             losses.append(loss.item())
         dt = time.perf_counter() - t0
         norm = engine.get_global_grad_norm()  # before clipping, over all ranks' gradients
@@ -144,7 +150,9 @@ def train_loop_per_worker(config: dict) -> None:
             pending = []
         if save:
             state = {"step": step + 1, "history": history, "resumes": resumes, "init_projector_sha256": digest}
+            memory.mark_first("to checkpoint")
             uploading, stall = save_and_report(engine, state, uploading, prefix)
+            memory.mark_first("checkpoint")
             feed["checkpoints"].append({"step": step + 1, **stall})
             tracker.sync()
     memory.mark("train")
