@@ -33,7 +33,7 @@ from medvl.train.export import export_hf
 from medvl.train.feed import FeedCollate, FeedPlan, rank_feed, record_read
 from medvl.train.loss import causal_lm_loss
 from medvl.train.memory import PhasePeaks, release_free_memory, return_large_frees_at_once
-from medvl.train.optim import lr_lambda, trainable_groups
+from medvl.train.optim import adamw, lr_lambda
 from medvl.train.tracking import Tracker
 from medvl.train.zero import deepspeed_config, initialize
 
@@ -78,10 +78,7 @@ def train_loop_per_worker(config: dict) -> None:
     memory.mark("load")
     plan = FeedPlan(**config["plan"])
     steps = plan.steps
-    # Fused on CPU too: the per-tensor AdamW allocated two temporaries the size of the
-    # optimizer's parameters at each step (ZeRO-3 on 2 ranks: +1 W on the worker's peak, and
-    # 12x the step's time; benchmarks/memory.py). One kernel per step on GPU, as benchmarked.
-    opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    opt = adamw(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_ratio))
     engine = initialize(model, opt, sched, deepspeed_config(cfg))
     memory.mark("setup")  # under ZeRO-3, the full weights are partitioned here
