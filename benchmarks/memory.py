@@ -49,6 +49,9 @@ SHAPE = dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, n
 LAYERS = 8  # the rehearsal LLM; LAYERS // 2 for the second stage-1 checkpoint size
 WORKERS = 2
 BLOCK = 4 * (4 * SHAPE["hidden_size"] ** 2 + 3 * SHAPE["hidden_size"] * SHAPE["intermediate_size"])  # fp32
+VISION_HIDDEN = 256
+H = SHAPE["hidden_size"]
+PROJECTOR = 4 * (VISION_HIDDEN * H + H + H * H + H)  # mlp2x_gelu, fp32: trainable in stage 2, not in W
 SHARD_MB = 190  # ~W/5: a 13B model (26 GB in bf16) in 5 GB shards
 ALLOWANCE = 0.25  # W over the expected ZeRO-3 terms: activations of the rehearsal's batch, allocator
 
@@ -61,7 +64,7 @@ def make_towers(root: str, layers: int, tokenizer: str) -> None:
     from medvl.tokenizer import load
 
     torch.manual_seed(0)
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=VISION_HIDDEN, intermediate_size=1024, num_hidden_layers=4,
                                               num_attention_heads=4, image_size=32, patch_size=8))
     vision.to(torch.bfloat16).save_pretrained(f"{root}/vit")
     with torch.device("meta"):  # initialise straight in bf16, one layer at a time
@@ -308,11 +311,11 @@ def _cell(v) -> str:
 
 def zero3_expected(w: int, llm: int, block: int) -> float:
     """What a ZeRO-3 worker must hold, / W: params, fp32 master, gradients, Adam m and v of the
-    trainable LLM (+ projector, ~0.1%) partitioned over the workers (5 x LLM / workers), the
-    frozen vision tower's partition, the gathered parameters ZeRO-3 may keep live
-    (``zero3_live_limits``: 3 decoder blocks) and one block's full gradient before the
-    reduce-scatter: 4 blocks."""
-    return (5 * llm + (w - llm)) / (WORKERS * w) + 4 * block / w
+    trainable LLM and projector partitioned over the workers (5 x (LLM + projector) / workers;
+    the projector is 1.2% of W here, 0.2% at 13B), the frozen vision tower's partition, the
+    gathered parameters ZeRO-3 may keep live (``zero3_live_limits``: 3 decoder blocks) and
+    one block's full gradient before the reduce-scatter: 4 blocks."""
+    return (5 * (llm + PROJECTOR) + (w - llm)) / (WORKERS * w) + 4 * block / w
 
 
 def print_table(tables: list[tuple[str, dict]], w: int, block: int, shard: int, expected: float) -> None:
@@ -348,7 +351,7 @@ def print_table(tables: list[tuple[str, dict]], w: int, block: int, shard: int, 
         print(f"{name:<58}{cells}  {target}{verdict}")
     print(f"\nstage 2 ZeRO-3 worker's own peak, term by term (/ W; held: what a phase leaves over the one before; "
           f"rise: the peak phase's high over its start). Expected terms: {expected:.2f} W "
-          f"(5 x LLM / {WORKERS} + vision / {WORKERS} + 4 blocks), + {ALLOWANCE} for activations and allocator: target")
+          f"(5 x (LLM + projector) / {WORKERS} + vision / {WORKERS} + 4 blocks), + {ALLOWANCE} for activations and allocator: target")
     for term, v in (values[-1].get("s2_terms") or {}).items():
         print(f"{'  ' + term:<30}{v:>8.2f}  {PHASES.get(term.split(': ')[-1], '= the peak')}")
     sync, now = values[-1].get("s2_stall", (math.nan, math.nan))
