@@ -8,7 +8,11 @@ driver's own figures stay clean). Stage 1 (ZeRO-2, projector only) starts from t
 tower directories, stage 2 (ZeRO-3, projector + LLM) from stage 1's export; 2 CPU workers,
 2 steps each, the final export included. A sampler thread reads the RSS of the driver and of
 every Ray Train worker of this run every 20 ms; the workers also record their own peak per
-phase (``OUTPUT/memory/rank*.json``: load, DeepSpeed set-up, train, export). Memory is
+phase (``OUTPUT/memory/rank*.json``: load, DeepSpeed set-up, the first step's forward,
+backward and optimizer step, the first checkpoint, the rest of training, export), from which
+the ZeRO-3 worker's peak is accounted for term by term against what ZeRO-3 must hold
+(``zero3_expected``); stage 2 checkpoints every step, and each rank's seconds per checkpoint
+give the training stall (``checkpoint_stall``). Memory is
 anonymous RSS (as ``medvl.train.memory.Statm`` reads it): safetensors maps model files, and those
 file-backed pages are reclaimable page cache shared by a node's workers, not process memory.
 (A 0.41B rehearsal did not fit: on CPU stage 2 holds optimizer state, gradients and
@@ -26,7 +30,7 @@ takes that column from an earlier run's ``WORKDIR/before.json``. The "first seen
 the external sampler's (it first sees a worker before its imports); the workers' own
 records start after imports, at the RSS the model is loaded from.
 
-Usage: python benchmarks/memory.py [--workdir benchmarks/out/memory] [--code DIR]
+Usage: python benchmarks/memory.py [--workdir benchmarks/out/memory] [--code DIR] [--zero3-only]
 """
 
 from __future__ import annotations
