@@ -8,7 +8,11 @@ driver's own figures stay clean). Stage 1 (ZeRO-2, projector only) starts from t
 tower directories, stage 2 (ZeRO-3, projector + LLM) from stage 1's export; 2 CPU workers,
 2 steps each, the final export included. A sampler thread reads the RSS of the driver and of
 every Ray Train worker of this run every 20 ms; the workers also record their own peak per
-phase (``OUTPUT/memory/rank*.json``: load, DeepSpeed set-up, train, export). Memory is
+phase (``OUTPUT/memory/rank*.json``: load, DeepSpeed set-up, the first step's forward,
+backward and optimizer step, the first checkpoint, the rest of training, export), from which
+the ZeRO-3 worker's peak is accounted for term by term against what ZeRO-3 must hold
+(``zero3_expected``); stage 2 checkpoints every step, and each rank's seconds per checkpoint
+give the training stall (``checkpoint_stall``). Memory is
 anonymous RSS (as ``medvl.train.memory.Statm`` reads it): safetensors maps model files, and those
 file-backed pages are reclaimable page cache shared by a node's workers, not process memory.
 (A 0.41B rehearsal did not fit: on CPU stage 2 holds optimizer state, gradients and
@@ -26,7 +30,7 @@ takes that column from an earlier run's ``WORKDIR/before.json``. The "first seen
 the external sampler's (it first sees a worker before its imports); the workers' own
 records start after imports, at the RSS the model is loaded from.
 
-Usage: python benchmarks/memory.py [--workdir benchmarks/out/memory] [--code DIR]
+Usage: python benchmarks/memory.py [--workdir benchmarks/out/memory] [--code DIR] [--zero3-only]
 """
 
 from __future__ import annotations
@@ -49,7 +53,11 @@ SHAPE = dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, n
 LAYERS = 8  # the rehearsal LLM; LAYERS // 2 for the second stage-1 checkpoint size
 WORKERS = 2
 BLOCK = 4 * (4 * SHAPE["hidden_size"] ** 2 + 3 * SHAPE["hidden_size"] * SHAPE["intermediate_size"])  # fp32
+VISION_HIDDEN = 256
+H = SHAPE["hidden_size"]
+PROJECTOR = 4 * (VISION_HIDDEN * H + H + H * H + H)  # mlp2x_gelu, fp32: trainable in stage 2, not in W
 SHARD_MB = 190  # ~W/5: a 13B model (26 GB in bf16) in 5 GB shards
+ALLOWANCE = 0.25  # W over the expected ZeRO-3 terms: activations of the rehearsal's batch, allocator
 
 
 def make_towers(root: str, layers: int, tokenizer: str) -> None:
@@ -60,7 +68,7 @@ def make_towers(root: str, layers: int, tokenizer: str) -> None:
     from medvl.tokenizer import load
 
     torch.manual_seed(0)
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=VISION_HIDDEN, intermediate_size=1024, num_hidden_layers=4,
                                               num_attention_heads=4, image_size=32, patch_size=8))
     vision.to(torch.bfloat16).save_pretrained(f"{root}/vit")
     with torch.device("meta"):  # initialise straight in bf16, one layer at a time
@@ -124,13 +132,31 @@ def run_stage(cfg) -> dict:
         return {"error": reason, "driver": sampler.driver_peak - sampler.driver_idle,
                 "workers": [p - f for f, p in sampler.workers.values()], "phases": {}, "checkpoint_bytes": 0}
     sampler.stop()
-    phases = {}
-    for f in sorted(Path(cfg.output, "memory").glob("rank*.json")):
-        phases[f.stem] = json.loads(f.read_text())
+    phases = {f.stem: json.loads(f.read_text()) for f in sorted(Path(cfg.output, "memory").glob("rank*.json"))}
+    feeds = [json.loads(f.read_text()) for f in sorted(Path(cfg.output, "feed").glob("rank*.json"))]
     workers = sorted(sampler.workers.values(), key=lambda fp: -fp[1])[:WORKERS]
     return {"driver": sampler.driver_peak - sampler.driver_idle, "workers": [p - f for f, p in workers],
             "phases": phases, "seconds": time.time() - t0,
+            "checkpoints": [f.get("checkpoints", []) for f in feeds],  # per rank, per save: seconds
+            "upload_s": upload_seconds(Path(cfg.output, cfg.name)),
             "checkpoint_bytes": checkpoint_bytes(Path(cfg.output, cfg.name))}
+
+
+def upload_seconds(run: Path) -> float:
+    """Seconds to copy the newest checkpoint with ``pyarrow.fs.copy_files`` into the same
+    storage: what a synchronous ``ray.train.report`` does before it returns (Ray's
+    ``persist_current_checkpoint``), so the stall the loop had before uploads went async."""
+    import pyarrow.fs as pafs
+
+    ckpts = sorted(d for d in run.glob("checkpoint_*") if d.is_dir())
+    if not ckpts:
+        return 0.0
+    copy = run.parent / "upload-copy"
+    t0 = time.perf_counter()
+    pafs.copy_files(str(ckpts[-1]), str(copy))
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(copy)
+    return seconds
 
 
 def checkpoint_bytes(run: Path) -> int:
@@ -139,8 +165,9 @@ def checkpoint_bytes(run: Path) -> int:
     return sum(f.stat().st_size for f in ckpts[-1].rglob("*") if f.is_file()) if ckpts else 0
 
 
-def rehearse(root: Path) -> dict:
-    """Stage 1 at two LLM sizes (checkpoint bytes), stage 2 from the larger one."""
+def rehearse(root: Path, zero3_only: bool = False) -> dict:
+    """Stage 1 at two LLM sizes (checkpoint bytes), stage 2 from the larger one; with
+    ``zero3_only``, stage 2 alone, stage 1's figures and export taken from the previous run."""
     import ray
 
     from medvl.data.demo import build_demo_data
@@ -166,8 +193,9 @@ def rehearse(root: Path) -> dict:
                   vision_tower=str(root / "towers/vit"))
     if "max_shard_mb" in TrainConfig.__dataclass_fields__:  # absent before the workers exported
         common["max_shard_mb"] = SHARD_MB
-    results = {}
-    for layers in (LAYERS // 2, LAYERS):
+    results = {k: v for k, v in json.loads((root / "after.json").read_text()).items()
+               if k.startswith("s1")} if zero3_only else {}
+    for layers in () if zero3_only else (LAYERS // 2, LAYERS):
         out = root / f"run-s1-{layers}"
         shutil.rmtree(out, ignore_errors=True)
         results[f"s1-{layers}"] = run_stage(TrainConfig(
@@ -176,18 +204,19 @@ def rehearse(root: Path) -> dict:
     out = root / "run-s2"
     shutil.rmtree(out, ignore_errors=True)
     results["s2"] = run_stage(TrainConfig(
-        stage=2, data=data["instruction"], output=str(out), name="s2", zero_stage=3, lr=2e-5,
+        stage=2, data=data["instruction"], output=str(out), name="s2", zero_stage=3, lr=2e-5, checkpoint_every=1,
         init=str(root / f"run-s1-{LAYERS}/hf"), **{k: v for k, v in common.items() if k != "vision_tower"}))
     ray.shutdown()
     return results
 
 
-def weights_bytes(root: Path, layers: int) -> int:
+def weights_bytes(root: Path, layers: int, parts: tuple[str, ...] = ("vit", "llm")) -> int:
     """Parameters of the rehearsal model (from the bf16 files) x 4 bytes (fp32 training here)."""
     from safetensors import safe_open
 
     n = 0
-    for f in [*(root / "towers/vit").glob("*.safetensors"), *(root / f"towers/llm-{layers}").glob("*.safetensors")]:
+    dirs = [root / "towers" / (part if part == "vit" else f"llm-{layers}") for part in parts]
+    for f in (f for d in dirs for f in d.glob("*.safetensors")):
         with safe_open(f, "pt") as st:
             n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
     return 4 * n
@@ -217,10 +246,65 @@ def figures(res: dict, w: int) -> dict[str, float | None]:
         "s1_worker_own": max(max(p["peak"] for p in r["phases"].values()) - r["idle"]
                              for r in s1["phases"].values()) / w if s1["phases"] else None,
         "s2_worker": max(s2["workers"]) / w, "s2_load_end": over("load", "end"),
+        "s2_own": max(max(p["peak"] for p in r["phases"].values()) - r["idle"] for r in ranks) / w if ranks else None,
+        "s2_terms": zero3_accounting(s2, w) if "forward" in next(iter(s2["phases"].values()), {}).get("phases", {})
+        else {},
+        "s2_stall": checkpoint_stall(s2),
         "s2_load_peak": over("load", "peak"), "s2_export": over("export", "peak", base="train"),
         "s2_driver": s2["driver"] / gb,
         "ckpt_small": res[f"s1-{LAYERS // 2}"]["checkpoint_bytes"] / 1e6, "ckpt_big": s1["checkpoint_bytes"] / 1e6,
     }
+
+
+# The phases a worker records, in order (``medvl.train.memory.PhasePeaks``; the first step's
+# forward, backward and optimizer step and the first checkpoint are phases of their own), and
+# what each leaves held under ZeRO-3 over 2 ranks in fp32 (DeepSpeed's stage-3 optimizer).
+PHASES = {
+    "load": "model partitioned by zero.Init (W/2)",
+    "setup": "fp32 master partition + gradient partition (W/2 each)",
+    "forward": "activations kept for backward",
+    "backward": "gradients, reduce-scattered into the partition",
+    "step": "Adam m and v (W/2 each)",
+    "to checkpoint": "the step's metrics",
+    "checkpoint": "ZeRO shards saved",
+    "train": "the remaining steps",
+    "export": "HF export (gathered per block)",
+}
+
+
+def zero3_terms(rank: dict) -> list[tuple[str, int, int]]:
+    """(phase, bytes it left held over the previous phase's end, its peak over its start)."""
+    rows, start = [], rank["idle"]
+    for name in PHASES:
+        if name in rank["phases"]:
+            p = rank["phases"][name]
+            rows.append((name, p["end"] - start, p["peak"] - start))
+            start = p["end"]
+    return rows
+
+
+def zero3_accounting(s2: dict, w: int) -> dict[str, float]:
+    """The worker with the highest own-record peak: each phase's held term up to the phase
+    of the peak, that phase's rise over its start, their sum (= the peak, by construction:
+    the accounting says which term is how much) in W."""
+    terms = max((zero3_terms(r) for r in s2["phases"].values()),
+                key=lambda t: max(sum(h for _, h, _ in t[:i]) + rise for i, (_, _, rise) in enumerate(t)))
+    at = max(range(len(terms)), key=lambda i: sum(h for _, h, _ in terms[:i]) + terms[i][2])
+    out = {f"held: {name}": held / w for name, held, _ in terms[:at]}
+    out[f"rise: {terms[at][0]}"] = terms[at][2] / w
+    out["sum"] = sum(out.values())
+    return out
+
+
+def checkpoint_stall(s2: dict) -> tuple[float, float]:
+    """Seconds per checkpoint the slowest rank stood still: (synchronous upload: its save +
+    a timed copy of the checkpoint, as report did; measured: wait + save + report)."""
+    ranks = [c for c in s2.get("checkpoints", []) if c]
+    if not ranks:
+        return math.nan, math.nan
+    save = max(sum(c["save_s"] for c in r) / len(r) for r in ranks)
+    now = max(sum(c["wait_s"] + c["save_s"] + c["report_s"] for c in r) / len(r) for r in ranks)
+    return save + s2["upload_s"], now
 
 
 def _cell(v) -> str:
@@ -229,8 +313,18 @@ def _cell(v) -> str:
     return f"{v:>12}" if isinstance(v, str) else f"{v:>12.2f}"
 
 
-def print_table(tables: list[tuple[str, dict]], w: int, block: int, shard: int) -> None:
+def zero3_expected(w: int, llm: int, block: int) -> float:
+    """What a ZeRO-3 worker must hold, / W: params, fp32 master, gradients, Adam m and v of the
+    trainable LLM and projector partitioned over the workers (5 x (LLM + projector) / workers;
+    the projector is 1.2% of W here, 0.2% at 13B), the frozen vision tower's partition, the
+    gathered parameters ZeRO-3 may keep live (``zero3_live_limits``: 3 decoder blocks) and
+    one block's full gradient before the reduce-scatter: 4 blocks."""
+    return (5 * (llm + PROJECTOR) + (w - llm)) / (WORKERS * w) + 4 * block / w
+
+
+def print_table(tables: list[tuple[str, dict]], w: int, block: int, shard: int, expected: float) -> None:
     zero3 = 1.5 / WORKERS + block / w
+    z3_peak = expected + ALLOWANCE
     export = (shard + block) / w
     rows = [  # key, figure, target text, target test (None: context)
         ("s2_outcome", "stage 2 ZeRO-3 run (24 GB machine)", "finished", lambda v: v == "finished"),
@@ -241,6 +335,8 @@ def print_table(tables: list[tuple[str, dict]], w: int, block: int, shard: int) 
         ("s2_load_peak", "stage 2 ZeRO-3: worker load peak / W (rank 0 reads)", "", None),
         ("s2_export", "stage 2 ZeRO-3: export's increase / W", f"<={export:.2f}", lambda v: v <= export),
         ("s2_worker", "stage 2 ZeRO-3: worker whole-run peak / W (+opt. state)", "", None),
+        ("s2_own", "stage 2 ZeRO-3: worker whole-run peak / W (own record)", f"<={z3_peak:.2f}",
+         lambda v: v <= z3_peak),
         ("s2_driver", "stage 2: driver peak over idle, GB", "<1.5", lambda v: v < 1.5),
         ("ckpt_small", f"stage 1 checkpoint MB, LLM {LAYERS // 2} layers", "", None),
         ("ckpt_big", f"stage 1 checkpoint MB, LLM {LAYERS} layers", "same", None),
@@ -257,6 +353,14 @@ def print_table(tables: list[tuple[str, dict]], w: int, block: int, shard: int) 
             ok_now = ok(last) if ok and last is not None else None
         verdict = "" if ok_now is None else ("  MET" if ok_now else "  MISSED")
         print(f"{name:<58}{cells}  {target}{verdict}")
+    print(f"\nstage 2 ZeRO-3 worker's own peak, term by term (/ W; held: what a phase leaves over the one before; "
+          f"rise: the peak phase's high over its start). Expected terms: {expected:.2f} W "
+          f"(5 x (LLM + projector) / {WORKERS} + vision / {WORKERS} + 4 blocks), + {ALLOWANCE} for activations and allocator: target")
+    for term, v in (values[-1].get("s2_terms") or {}).items():
+        print(f"{'  ' + term:<30}{v:>8.2f}  {PHASES.get(term.split(': ')[-1], '= the peak')}")
+    sync, now = values[-1].get("s2_stall", (math.nan, math.nan))
+    print(f"\n{'figure':<58}{'sync':>12}{'async':>12}")
+    print(f"{'stage 2 ZeRO-3: training stall per checkpoint, s':<58}{sync:>12.2f}{now:>12.2f}")
 
 
 
@@ -336,6 +440,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     ap.add_argument("--worst-case-only", action="store_true", help="only the worst-case step row (no rehearsal)")
+    ap.add_argument("--zero3-only", action="store_true",
+                    help="re-run stage 2 (ZeRO-3) alone; stage 1 from WORKDIR/after.json of an earlier full run")
     ap.add_argument("--worst-case", choices=("before", "after"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make_towers:
@@ -358,12 +464,13 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--workdir", str(root / "before"), "--json", str(out)],
                        check=True, env=env, cwd=args.code)
         tables.append(("before", json.loads(out.read_text())))
-    tables.append(("after", rehearse(root)))
+    tables.append(("after", rehearse(root, args.zero3_only)))
+    (root / "after.json").write_text(json.dumps(tables[-1][1]))
     w = weights_bytes(root, LAYERS)
     print(f"\nrehearsal model: W = {w / 1e9:.2f} GB in the training dtype (fp32 here), one decoder "
           f"block {BLOCK / 1e6:.0f} MB, export shards <= {SHARD_MB} MB (W/5, as 5 GB is for a 13B model); "
           f"{WORKERS} workers, 2 steps per stage")
-    print_table(tables, w, BLOCK, SHARD_MB * 10**6)
+    print_table(tables, w, BLOCK, SHARD_MB * 10**6, zero3_expected(w, weights_bytes(root, LAYERS, ("llm",)), BLOCK))
     worst_case_row(root)
 
 

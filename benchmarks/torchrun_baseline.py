@@ -27,7 +27,7 @@ from medvl.train.batching import collate, model_inputs
 from medvl.train.config import TrainConfig
 from medvl.train.feed import plan_rows
 from medvl.train.model import build_model
-from medvl.train.optim import lr_lambda, trainable_groups
+from medvl.train.optim import adamw, lr_lambda
 from medvl.train.trainer import feed_plan, read_manifest
 from medvl.train.zero import deepspeed_config, initialize
 
@@ -60,7 +60,7 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # as the Ray workers run
     model, tok = build_model(cfg)
-    opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(model, cfg)  # the optimizer the Ray loop runs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_ratio))
     engine = initialize(model, opt, sched, deepspeed_config(cfg))
     table = pq.read_table(f"{cfg.data}/shards", columns=[*COLUMNS, "length"])

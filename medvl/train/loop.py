@@ -11,11 +11,13 @@ After the last step the workers write the HF model themselves (``export.export_h
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import time
 
@@ -30,8 +32,8 @@ from medvl.train.config import TrainConfig
 from medvl.train.export import export_hf
 from medvl.train.feed import FeedCollate, FeedPlan, rank_feed, record_read
 from medvl.train.loss import causal_lm_loss
-from medvl.train.memory import PhasePeaks, release_free_memory
-from medvl.train.optim import lr_lambda, trainable_groups
+from medvl.train.memory import PhasePeaks, release_free_memory, return_large_frees_at_once
+from medvl.train.optim import adamw, lr_lambda
 from medvl.train.tracking import Tracker
 from medvl.train.validation import ValPlan, load_batches, val_due, validation_loss
 from medvl.train.zero import deepspeed_config, initialize
@@ -64,6 +66,7 @@ def train_loop_per_worker(config: dict) -> None:
     from medvl.train.model import build_model
 
     cfg = TrainConfig(**config["train"])
+    return_large_frees_at_once()
     memory = PhasePeaks()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -76,8 +79,7 @@ def train_loop_per_worker(config: dict) -> None:
     memory.mark("load")
     plan = FeedPlan(**config["plan"])
     steps = plan.steps
-    opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=cfg.use_gpu)  # one kernel per step on GPU, as benchmarked
+    opt = adamw(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_ratio))
     engine = initialize(model, opt, sched, deepspeed_config(cfg))
     memory.mark("setup")  # under ZeRO-3, the full weights are partitioned here
@@ -104,7 +106,10 @@ def train_loop_per_worker(config: dict) -> None:
         batch_size=cfg.batch_size, prefetch_batches=2, collate_fn=collate) if start < steps else ())
     feed = {"start_step": start, "rows": (steps - start) * plan.share, "read_bytes": 0, "read_nodes": [],
             "node": ray.get_runtime_context().get_node_id(),  # read_nodes: where its read tasks ran
-            "resume_bytes": fetched}  # of the checkpoint it resumed from
+            "resume_bytes": fetched,  # of the checkpoint it resumed from
+            "checkpoints": []}  # per save: seconds the loop stood still (wait, save, report)
+    prefix = remove_unfinished_uploads(cfg, rank)
+    uploading = None  # the local directory of the checkpoint Ray is uploading
     pending: list[dict] = []  # this rank's metrics since the last sync
     for step in range(start, steps):
         t0 = time.perf_counter()
@@ -124,8 +129,11 @@ def train_loop_per_worker(config: dict) -> None:
             tokens += batch["attention_mask"].sum().item()
             padded += batch["attention_mask"].numel()
             loss = causal_lm_loss(engine, batch)  # the head only where labelled, in chunks
+            memory.mark_first("forward")
             engine.backward(loss)
+            memory.mark_first("backward")
             engine.step()
+            memory.mark_first("step")
             losses.append(loss.item())
         dt = time.perf_counter() - t0
         norm = engine.get_global_grad_norm()  # before clipping, over all ranks' gradients
@@ -145,7 +153,10 @@ def train_loop_per_worker(config: dict) -> None:
             pending = []
         if save:
             state = {"step": step + 1, "history": history, "resumes": resumes, "init_projector_sha256": digest}
-            save_and_report(engine, state)
+            memory.mark_first("to checkpoint")
+            uploading, stall = save_and_report(engine, state, uploading, prefix)
+            memory.mark_first("checkpoint")
+            feed["checkpoints"].append({"step": step + 1, **stall})
             tracker.sync()
     memory.mark("train")
     storage.write_text(storage.join(cfg.output, "feed", f"rank{rank}.json"), json.dumps(feed))
@@ -165,14 +176,55 @@ def sync_metrics(pending: list[dict], world: int) -> list[dict]:
             for p, (loss, tokens, padded) in zip(pending, sums, strict=True)]
 
 
-def save_and_report(engine, state: dict) -> None:
+def upload_prefix(cfg: TrainConfig, rank: int) -> str:
+    """The name prefix of this run's and rank's local checkpoint directories (in ``TMPDIR``):
+    the run's storage URI is in it, so another run on the node keeps its own."""
+    run = hashlib.sha256(storage.join(cfg.output, cfg.name).encode()).hexdigest()[:12]
+    return f"medvl-ckpt-{run}-r{rank}-"
+
+
+def remove_unfinished_uploads(cfg: TrainConfig, rank: int) -> str:
+    """Remove the local checkpoint directories a killed attempt of this run and rank left
+    (Ray deletes one only once uploaded; at 13B each is ~20 GB of the node's disk); return
+    the prefix for new ones."""
+    prefix = upload_prefix(cfg, rank)
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(prefix) + "*")):
+        shutil.rmtree(d, ignore_errors=True)
+    return prefix
+
+
+def save_and_report(engine, state: dict, previous: str | None, prefix: str) -> tuple[str, dict[str, float]]:
     """All ranks save their ZeRO shards (frozen parameters excluded); rank 0 adds the state;
-    all report the same directory name, so Ray merges the shards into one checkpoint."""
-    with tempfile.TemporaryDirectory(prefix="medvl-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
-        if ray.train.get_context().get_world_rank() == 0:
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump(state, f)
-        metrics = {**state["history"][-1], "step": state["step"]}
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{state['step']:06d}")
+    all report the same directory name, so Ray merges the shards into one checkpoint.
+
+    The upload runs in Ray's background thread (``CheckpointUploadMode.ASYNC``): the next
+    steps start while the shards upload (at 13B, ~20 GB per rank, minutes to S3), and Ray
+    deletes the local directory once it is uploaded, and flushes the last upload before the
+    run ends. Ray only records a checkpoint once every rank's upload is done, so a restart
+    resumes from a complete one. Before writing, wait until the ``previous`` checkpoint's
+    directory is gone (uploaded): one checkpoint per rank on local disk (``TMPDIR``), not
+    a queue of them when uploads are slower than ``checkpoint_every``. Returns the directory
+    and the seconds spent waiting for the previous upload, saving, and in ``report``."""
+    t = [time.perf_counter()]
+    wait_uploaded(previous)
+    t.append(time.perf_counter())
+    tmp = tempfile.mkdtemp(prefix=prefix)  # removed by Ray after the upload
+    engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
+    if ray.train.get_context().get_world_rank() == 0:
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump(state, f)
+    t.append(time.perf_counter())
+    metrics = {**state["history"][-1], "step": state["step"]}
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                     checkpoint_dir_name=f"checkpoint_{state['step']:06d}",
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                     delete_local_checkpoint_after_upload=True)
+    t.append(time.perf_counter())
+    return tmp, {k: b - a for k, a, b in zip(("wait_s", "save_s", "report_s"), t[:-1], t[1:], strict=True)}
+
+
+def wait_uploaded(local: str | None, poll_s: float = 0.5) -> None:
+    """Block until Ray's upload thread has uploaded and deleted ``local`` (a failed upload
+    ends the run from that thread, so this does not wait forever)."""
+    while local and os.path.exists(local):
+        time.sleep(poll_s)

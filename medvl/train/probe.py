@@ -82,7 +82,7 @@ def probe_worker(config: dict) -> None:
     from medvl.train.loss import causal_lm_loss
     from medvl.train.memory import PhasePeaks
     from medvl.train.model import build_model
-    from medvl.train.optim import trainable_groups
+    from medvl.train.optim import adamw
     from medvl.train.zero import deepspeed_config, initialize
 
     cfg = TrainConfig(**config["train"])
@@ -95,9 +95,7 @@ def probe_worker(config: dict) -> None:
     oom = False
     try:
         model, tok = build_model(cfg)
-        opt = torch.optim.AdamW(trainable_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                fused=cfg.use_gpu)  # as the training loop makes it
-        engine = initialize(model, opt, None, deepspeed_config(cfg))
+        engine = initialize(model, adamw(model, cfg), None, deepspeed_config(cfg))  # as the loop makes them
         batch = model_inputs(worst_case_batch(model, tok, cfg.batch_size, config["max_length"]), engine.device)
         engine.backward(causal_lm_loss(engine, batch))
         engine.step()

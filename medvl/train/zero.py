@@ -16,6 +16,14 @@ import torch
 
 from medvl.train.config import TrainConfig
 
+# ZeRO-3 steps the optimizer one sub-group of its partition at a time, and for each makes an
+# fp32 copy of the sub-group's gradients first (``_prepare_fp32_grad_for_sub_group``: a
+# flattened copy, then the cast from bf16). LLaVA's 1e9 elements is the whole partition of a
+# rank up to 8B parameters per rank: at 13B on 8 GPUs that is 1e9 x (2 + 4) bytes = 5.6 GiB
+# of GPU memory at each step; 1e7 makes it 60 MB (on the CPU rehearsal: -0.5 W of a worker's
+# peak, benchmarks/memory.py). Adam is elementwise: the same update, in more kernel calls.
+SUB_GROUP = 10**7
+
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
     """The recipe's DeepSpeed config; ``initialize`` adds the buckets sized by the model
@@ -25,6 +33,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
                   "allgather_bucket_size": 5e8}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["sub_group_size"] = SUB_GROUP
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -50,6 +59,18 @@ def zero_buckets(model_config, stage: int) -> dict:
     if stage == 3:
         sizes |= {"stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h}
     return sizes
+
+
+def zero3_live_limits(model_config) -> dict:
+    """How many gathered parameter elements ZeRO-3 may keep live, and how soon a parameter
+    must be used again to stay gathered: LLaVA's 1e9 elements (zero3.json, DeepSpeed's
+    default) is 3 Llama-2-13B decoder blocks; 3 blocks at every size. At a smaller size 1e9
+    keeps the whole model gathered from the second step on (measured: +1.2 W on the 0.23B
+    rehearsal's worker, benchmarks/memory.py), so the rehearsal would not show a 13B run."""
+    text = getattr(model_config, "text_config", model_config)
+    h, i = text.hidden_size, text.intermediate_size
+    live = 3 * (4 * h * h + 3 * h * i)
+    return {"stage3_max_live_parameters": live, "stage3_max_reuse_distance": live}
 
 
 @contextlib.contextmanager
@@ -102,12 +123,14 @@ def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
     Under ZeRO-3 every transformer block is a "leaf": its parameters are gathered once per
     block instead of once per linear layer, which cuts ZeRO-3's per-module hooks and
     collectives about eightfold (measured: 10% off the CPU step, see benchmarks/train.py).
-    Bucket sizes ``ds_config`` leaves out come from the model (``zero_buckets``).
+    Bucket sizes and live-parameter limits ``ds_config`` leaves out come from the model
+    (``zero_buckets``, ``zero3_live_limits``).
     """
     import deepspeed
 
     zero = ds_config["zero_optimization"]
-    ds_config = {**ds_config, "zero_optimization": {**zero_buckets(model.config, zero["stage"]), **zero}}
+    sizes = zero_buckets(model.config, zero["stage"]) | (zero3_live_limits(model.config) if zero["stage"] == 3 else {})
+    ds_config = {**ds_config, "zero_optimization": {**sizes, **zero}}
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

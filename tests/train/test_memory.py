@@ -1,6 +1,8 @@
 """The per-phase memory record of a training worker (``medvl.train.memory``)."""
 
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -37,3 +39,29 @@ def test_a_killed_watcher_costs_its_figure_not_the_run(tmp_path):
     peaks.write(str(tmp_path), 0)
     load = json.loads((tmp_path / "memory" / "rank0.json").read_text())["phases"]["load"]
     assert load["peak"] == load["end"] > 0
+
+
+def _held_after_freeing(promptly: bool) -> int:
+    """Anonymous RSS a fresh process still holds after freeing 19 of 20 8-MB tensors (the last
+    one kept: glibc's heap can only shrink from its top)."""
+    code = f"""
+import torch
+from medvl.train.memory import Statm, return_large_frees_at_once
+if {promptly}:
+    return_large_frees_at_once()
+torch.ones(4 * 2**20)  # freed at once: glibc then serves up to 16 MB from its heap (any model load does this)
+statm = Statm(__import__("os").getpid())
+before = statm.anon()
+tensors = [torch.ones(2 * 2**20) for _ in range(20)]  # 8 MB each, every page touched
+del tensors[:-1]
+print(statm.anon() - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return int(out.stdout.split()[-1])
+
+
+def test_freed_tensors_go_back_to_the_os_at_once():
+    """ZeRO-3 gathers and frees blocks of 1-30 MB tensors at every step; under glibc's default
+    policy a worker kept what it freed (~1 W on the rehearsal's ZeRO-3 worker)."""
+    assert _held_after_freeing(promptly=True) < 20 * 2**20  # the kept tensor, and change
+    assert _held_after_freeing(promptly=False) > 100 * 2**20  # the default: kept by the heap

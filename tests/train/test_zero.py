@@ -21,7 +21,13 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from medvl.model.build import build_tiny
 from medvl.train.config import TrainConfig
 from medvl.train.model import build_model
-from medvl.train.zero import block_classes, deepspeed_config, initialize, zero_buckets
+from medvl.train.zero import (
+    block_classes,
+    deepspeed_config,
+    initialize,
+    zero3_live_limits,
+    zero_buckets,
+)
 
 
 def test_block_classes_are_the_llm_and_vision_layers(bpe_tokenizer):
@@ -35,6 +41,8 @@ def test_deepspeed_config_follows_the_recipe():
     assert ds["train_batch_size"] == 16 * 2 * 8
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["overlap_comm"]
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    # Not LLaVA's 1e9: the optimizer step's fp32 gradient copy is one sub-group (60 MB at 13B, not 5.6 GiB).
+    assert ds["zero_optimization"]["sub_group_size"] == 10**7
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0
     assert ds["zero_force_ds_cpu_optimizer"] is False  # a torch optimizer: nothing JIT-compiled
     cpu = deepspeed_config(TrainConfig(zero_stage=2, use_gpu=False))
@@ -75,6 +83,17 @@ def llava_13b():
                        num_attention_heads=40, vocab_size=32002)
     with torch.device("meta"):
         return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text))
+
+
+def test_zero3_keeps_three_blocks_live_at_every_size(bpe_tokenizer):
+    """LLaVA's 1e9 live elements at 13B; the same 3 blocks at the rehearsal's size, where 1e9
+    kept the whole model gathered."""
+    assert zero3_live_limits(llava_13b().config)["stage3_max_live_parameters"] == pytest.approx(1e9, rel=0.05)
+    tiny = build_tiny(bpe_tokenizer)
+    block = sum(p.numel() for p in tiny.model.language_model.layers[0].parameters())
+    limits = zero3_live_limits(tiny.config)
+    assert limits["stage3_max_live_parameters"] == limits["stage3_max_reuse_distance"]
+    assert limits["stage3_max_live_parameters"] == pytest.approx(3 * block, rel=0.05)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
