@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from medvl.train.batching import collate, model_inputs
 from medvl.train.config import TrainConfig
 from medvl.train.feed import plan_rows
+from medvl.train.memory import return_large_frees_at_once
 from medvl.train.model import build_model
 from medvl.train.optim import adamw, lr_lambda
 from medvl.train.trainer import feed_plan, read_manifest
@@ -59,6 +60,7 @@ def main() -> None:
     rank = dist.get_rank()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # as the Ray workers run
+    return_large_frees_at_once()  # the Ray loop's allocator policy: the same per-step work
     model, tok = build_model(cfg)
     opt = adamw(model, cfg)  # the optimizer the Ray loop runs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_ratio))
