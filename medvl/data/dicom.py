@@ -35,7 +35,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from medvl.data.limits import ImageError, ImageSpec, check_size
+from medvl.data.limits import ImageError, ImageSpec, check_scans, check_size
 
 PERCENTILES = (0.5, 99.5)
 HEADER_BYTES = 1 << 20  # a deflated file's elements before its pixel data, inflated: far above real headers
@@ -181,6 +181,7 @@ def _check_frame(ds: pydicom.Dataset, rows: int, cols: int) -> None:
                                                 f"{cols}x{rows}, which need at most {segments * per_segment}")
         return
     if syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
+        check_scans(frame)
         size = _jpeg_size(frame)
     elif syntax in JPEG2000TransferSyntaxes:
         size = _j2k_size(frame)

@@ -40,6 +40,25 @@ def check_size(w: int, h: int, spec: ImageSpec) -> None:
                                             f"> max_pixels={spec.max_pixels}")
 
 
+# A progressive JPEG's decoder walks every block of the image once per scan: a flat 7000x7000
+# image with its last 75-byte scan repeated 400 times took 21 s, so 10 MB could hold hours.
+# libjpeg-turbo's advice against this is a scan limit (djpeg -maxscans, TurboJPEG's
+# TJPARAM_SCANLIMIT); encoders write 10 scans for a colour progressive JPEG (6 greyscale),
+# a few more for tuned scripts. 64 keeps every ordinary file and bounds that image at 2 s
+# (0.4 s with its own 10 scans; measured here).
+MAX_JPEG_SCANS = 64
+SOS = b"\xff\xda"  # start of scan; in entropy-coded data 0xFF is followed by 0x00 or RSTn only
+
+
+def check_scans(data: bytes) -> None:
+    """``too_many_scans`` for a JPEG stream with more than ``MAX_JPEG_SCANS`` scans, counted
+    at memchr speed before anything is decoded. The count can only be too high (bytes of an
+    APP or COM segment, an EXIF thumbnail's own scan), never too low."""
+    scans = data.count(SOS)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError("too_many_scans", f"JPEG with {scans} scans > {MAX_JPEG_SCANS}")
+
+
 def band_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int, int, float]:
     """Output lines ``r0..r1`` whose filter window touches the image, the canvas band
     ``c0..c1`` they read, the image's offset in the square, input pixels per output line."""

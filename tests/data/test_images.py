@@ -171,6 +171,25 @@ def test_a_thin_image_whose_padded_canvas_is_a_bomb_is_rejected_from_its_header(
     assert e.value.reason == "image_too_large" and "canvas" in e.value.detail
 
 
+def scan_bomb(w: int, h: int, extra: int) -> bytes:
+    """A flat progressive JPEG with its last scan repeated ``extra`` times before EOI: every
+    scan is a pass over the whole image (7000x7000 with 400: 21 s of decode in 222 KB)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), 128).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    last = data[data.rindex(b"\xff\xda"):-2]
+    return data[:-2] + last * extra + b"\xff\xd9"
+
+
+def test_a_jpeg_of_countless_scans_is_refused_before_it_is_decoded():
+    spec = images.ImageSpec(size=32)
+    assert images.load_image(scan_bomb(256, 256, 0), "ok.jpg", spec).shape == (32, 32, 3)  # 10 scans
+    assert images.load_image(scan_bomb(256, 256, 54), "ok.jpg", spec).shape == (32, 32, 3)  # 64: the limit
+    with pytest.raises(images.ImageError) as e:  # load_image: preprocessing's path (serving's: test_hostile)
+        images.load_image(scan_bomb(256, 256, 400), "bomb.jpg", spec)
+    assert e.value.reason == "too_many_scans" and "410 scans" in e.value.detail
+
+
 def test_crop_of_a_thin_image_resamples_only_the_kept_box():
     """An 82-byte 20000 x 1 PNG: resize-then-crop built a 6.7M x 336 image (2.5 GB)."""
     import subprocess
