@@ -80,7 +80,10 @@ def _stored_window(ds: pydicom.Dataset, x: np.ndarray) -> np.ndarray | None:
         return out * (255.0 / (2**bits - 1))
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
-    c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    try:
+        c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    except (ValueError, TypeError):  # not a number ("abc", empty): no window, as for a zero width
+        return None
     function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
     if function == "SIGMOID" and w > 0:
         x -= c

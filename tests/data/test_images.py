@@ -130,14 +130,18 @@ def test_stored_window_is_the_standard_voi_transform(function):
     assert ours.min() > 40  # the darkest pixel (127) sits ~20% into the window, not at black
 
 
-def test_invalid_stored_window_falls_back_to_percentiles():
-    """A zero window width (seen in real exports) must not cost the image."""
+@pytest.mark.parametrize("center,width", [("100", "0"), ("abc", "200"), ("100", "")])
+def test_invalid_stored_window_falls_back_to_percentiles(center, width):
+    """A zero window width (seen in real exports), or a window that is not a number (it was
+    a 400 corrupt_image), must not cost the image."""
     import io
 
     import pydicom
 
     ds = pydicom.dcmread(DICOM["MR_small.dcm"])
     ds.WindowCenter, ds.WindowWidth = 100, 0
+    ds.add_new("WindowCenter", "LO", center)  # as text: pydicom refuses to write "abc" as a number
+    ds.add_new("WindowWidth", "LO", width)
     buf = io.BytesIO()
     ds.save_as(buf)
     rgb = dicom_to_rgb(buf.getvalue(), 10**8)
