@@ -6,7 +6,6 @@ with a real remote traceback, whose text must reach the server log and not the c
 """
 
 import glob
-import http.server
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ import pytest
 import requests
 
 from medvl.serving.api import ServeConfig
-from tests.conftest import free_port
+from tests.conftest import QuietHandler, free_port, http_server
 from tests.serving.conftest import QUESTION, png_data_uri, serving
 
 KEY_A, KEY_B = "sk-guard-a", "sk-guard-b"
@@ -106,21 +105,16 @@ def gate():
     gate = SimpleNamespace(url=f"http://127.0.0.1:{port}/x.png", host=f"127.0.0.1:{port}",
                            arrived=threading.Semaphore(0), opened=threading.Event())
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             gate.arrived.release()
             gate.opened.wait(120)
             self.send_response(404)
             self.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield gate
-    gate.opened.set()
-    server.shutdown()
+    with http_server(port, Handler):
+        yield gate
+        gate.opened.set()
 
 
 @pytest.fixture(scope="module")

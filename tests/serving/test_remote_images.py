@@ -2,8 +2,6 @@
 pairs at public addresses (loopback only where the config allows it explicitly), on every
 redirect too, within one deadline; a failed fetch is a 400, not a 500."""
 
-import http.server
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -11,7 +9,7 @@ import pytest
 
 from medvl.serving import remote
 from medvl.serving.api import APIError, ServeConfig, image_bytes
-from tests.conftest import free_port
+from tests.conftest import QuietHandler, free_port, http_server
 
 
 @dataclass
@@ -26,7 +24,7 @@ def site():
     port = free_port()
     site = Site(f"http://127.0.0.1:{port}", port)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             site.hosts.append(self.headers["Host"])
             if self.path == "/drip":  # one byte every 0.25 s: each read is quick, the whole is not
@@ -69,13 +67,8 @@ def site():
                 self.send_response(404)
                 self.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield site
-    server.shutdown()
+    with http_server(port, Handler):
+        yield site
 
 
 def _cfg(*hosts: str, **kw) -> ServeConfig:
