@@ -7,6 +7,8 @@ canvas ``fit`` would build. Kept apart so neither decoder imports the other for 
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,14 +49,33 @@ def check_size(w: int, h: int, spec: ImageSpec) -> None:
 # a few more for tuned scripts. 64 keeps every ordinary file and bounds that image at 2 s
 # (0.4 s with its own 10 scans; measured here).
 MAX_JPEG_SCANS = 64
-SOS = b"\xff\xda"  # start of scan; in entropy-coded data 0xFF is followed by 0x00 or RSTn only
+SOS = 0xDA  # start of scan; in entropy-coded data 0xFF is followed by 0x00 or RSTn only
+
+
+def jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:
+    """``(offset, marker)`` of a JPEG stream's segments from SOI, each skipped by its length
+    as a decoder does, up to the first start of scan (the last one yielded); the walk ends
+    early at bytes that are no marker."""
+    at = 2 if data[:2] == b"\xff\xd8" else len(data)
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        yield at, marker
+        if marker == SOS:
+            return
+        at += 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
 
 
 def check_scans(data: bytes) -> None:
     """``too_many_scans`` for a JPEG stream with more than ``MAX_JPEG_SCANS`` scans, counted
-    at memchr speed before anything is decoded. The count can only be too high (bytes of an
-    APP or COM segment, an EXIF thumbnail's own scan), never too low."""
-    scans = data.count(SOS)
+    at memchr speed before anything is decoded, from the last segment the header walk
+    reached: metadata before it (an ICC profile, EXIF) is skipped by length, as the decoder
+    skips it, and cannot add false scans. The count can be too high (an APP segment
+    between scans), never too low."""
+    start = max((at for at, _ in jpeg_markers(data)), default=0)
+    scans = data.count(bytes((0xFF, SOS)), start)
     if scans > MAX_JPEG_SCANS:
         raise ImageError("too_many_scans", f"JPEG with {scans} scans > {MAX_JPEG_SCANS}")
 
