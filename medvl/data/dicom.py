@@ -35,7 +35,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from medvl.data.limits import ImageError, ImageSpec, check_size
+from medvl.data.limits import ImageError, ImageSpec, check_scans, check_size, jpeg_markers
 
 PERCENTILES = (0.5, 99.5)
 HEADER_BYTES = 1 << 20  # a deflated file's elements before its pixel data, inflated: far above real headers
@@ -80,7 +80,10 @@ def _stored_window(ds: pydicom.Dataset, x: np.ndarray) -> np.ndarray | None:
         return out * (255.0 / (2**bits - 1))
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
-    c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    try:
+        c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    except (ValueError, TypeError):  # not a number ("abc", empty): no window, as for a zero width
+        return None
     function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
     if function == "SIGMOID" and w > 0:
         x -= c
@@ -181,6 +184,7 @@ def _check_frame(ds: pydicom.Dataset, rows: int, cols: int) -> None:
                                                 f"{cols}x{rows}, which need at most {segments * per_segment}")
         return
     if syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
+        check_scans(frame)
         size = _jpeg_size(frame)
     elif syntax in JPEG2000TransferSyntaxes:
         size = _j2k_size(frame)
@@ -193,15 +197,9 @@ def _check_frame(ds: pydicom.Dataset, rows: int, cols: int) -> None:
 
 def _jpeg_size(frame: bytes) -> tuple[int, int] | None:
     """(rows, columns) from a JPEG or JPEG-LS stream's start-of-frame segment."""
-    at = 2 if frame[:2] == b"\xff\xd8" else len(frame)
-    while at + 9 <= len(frame) and frame[at] == 0xFF:
-        marker = frame[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-        elif marker in SOF_MARKERS:
+    for at, marker in jpeg_markers(frame):
+        if marker in SOF_MARKERS and at + 9 <= len(frame):
             return struct.unpack(">HH", frame[at + 5:at + 9])
-        else:
-            at += 2 + struct.unpack(">H", frame[at + 2:at + 4])[0]
     return None
 
 

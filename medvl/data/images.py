@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medvl.data.dicom import dicom_to_array
-from medvl.data.limits import ImageError, ImageSpec, band_geometry, check_size
+from medvl.data.limits import ImageError, ImageSpec, band_geometry, check_scans, check_size
 
 # CLIP's image mean as 0-255 integers: LLaVA's ``expand2square`` background colour.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -34,6 +34,8 @@ def decode(data: bytes, name: str, spec: ImageSpec) -> Image.Image:
     """Bytes of any supported format -> RGB or greyscale PIL image, or ``ImageError``."""
     if is_dicom(data, name):
         return Image.fromarray(dicom_to_array(data, spec))
+    if data[:2] == b"\xff\xd8":  # JPEG: each scan is a pass over the whole image
+        check_scans(data)
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)  # at its first frame, which is all we
         # decode: ``n_frames`` would walk every frame of a multi-page TIFF

@@ -7,6 +7,8 @@ canvas ``fit`` would build. Kept apart so neither decoder imports the other for 
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +40,44 @@ def check_size(w: int, h: int, spec: ImageSpec) -> None:
     if canvas > spec.max_pixels:
         raise ImageError("image_too_large", f"{w}x{h} needs a {canvas}-pixel canvas to {spec.aspect} "
                                             f"> max_pixels={spec.max_pixels}")
+
+
+# A progressive JPEG's decoder walks every block of the image once per scan: a flat 7000x7000
+# image with its last 75-byte scan repeated 400 times took 21 s, so 10 MB could hold hours.
+# libjpeg-turbo's advice against this is a scan limit (djpeg -maxscans, TurboJPEG's
+# TJPARAM_SCANLIMIT); encoders write 10 scans for a colour progressive JPEG (6 greyscale),
+# a few more for tuned scripts. 64 keeps every ordinary file and bounds that image at 2 s
+# (0.4 s with its own 10 scans; measured here).
+MAX_JPEG_SCANS = 64
+SOS = 0xDA  # start of scan; in entropy-coded data 0xFF is followed by 0x00 or RSTn only
+
+
+def jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:
+    """``(offset, marker)`` of a JPEG stream's segments from SOI, each skipped by its length
+    as a decoder does, up to the first start of scan (the last one yielded); the walk ends
+    early at bytes that are no marker."""
+    at = 2 if data[:2] == b"\xff\xd8" else len(data)
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        yield at, marker
+        if marker == SOS:
+            return
+        at += 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+
+
+def check_scans(data: bytes) -> None:
+    """``too_many_scans`` for a JPEG stream with more than ``MAX_JPEG_SCANS`` scans, counted
+    at memchr speed before anything is decoded, from the last segment the header walk
+    reached: metadata before it (an ICC profile, EXIF) is skipped by length, as the decoder
+    skips it, and cannot add false scans. The count can be too high (an APP segment
+    between scans), never too low."""
+    start = max((at for at, _ in jpeg_markers(data)), default=0)
+    scans = data.count(bytes((0xFF, SOS)), start)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError("too_many_scans", f"JPEG with {scans} scans > {MAX_JPEG_SCANS}")
 
 
 def band_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int, int, float]:

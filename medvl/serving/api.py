@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, StrictBool
 
@@ -128,23 +128,26 @@ CHARS_PER_TOKEN_BOUND = 32  # no tokenizer packs more characters into one token
 MAX_JSON_VALUES = 65_536  # far above what a chat request needs (about 3 per plain message)
 
 
-def parse_request(raw: bytes) -> ChatCompletionRequest:
-    """The body as a request (pydantic's ``ValueError`` if it is not one), for a worker
-    thread. Parsing holds the GIL in one call, so a thread alone would not free the event
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_request(raw: bytes, model: type[Body] = ChatCompletionRequest) -> Body:
+    """The body as a ``model`` (pydantic's ``ValueError`` if it is not one), for a worker
+    thread; every JSON endpoint's body goes through here. Parsing holds the GIL in one call, so a thread alone would not free the event
     loop: 20 MB of tiny JSON values took a second even with the caps. Its values are counted
     first, at memchr speed, from what must precede every value but the first (``[ , :``)."""
     values = 1 + sum(raw.count(c) for c in (b"[", b",", b":"))
     if values > MAX_JSON_VALUES:
         raise APIError(400, f"request body has up to {values} JSON values, more than {MAX_JSON_VALUES}",
                        code="request_too_complex")
-    return ChatCompletionRequest.model_validate_json(raw)
+    return model.model_validate_json(raw)
 DATA_URI = re.compile(r"^data:(?P<mime>[\w/.+-]+)?(;[\w=.-]+)*;base64,(?P<data>.*)$", re.S)
 
 
-def image_bytes(url: str, cfg: ServeConfig) -> tuple[bytes, str]:
+def image_bytes(url: str, cfg: ServeConfig, param: str = "messages") -> tuple[bytes, str]:
     """A ``data:`` URI's payload and a file name for the decoder (``.dcm`` for
     ``application/dicom``, which needs no preamble); remote URLs only from allow-listed hosts,
-    redirects included (no SSRF: ``remote.py``)."""
+    redirects included (no SSRF: ``remote.py``). ``param``: the request field errors name."""
     m = DATA_URI.match(url)
     if m is None:
         if remote.target(url, cfg.allowed_image_hosts) is not None:
@@ -152,15 +155,15 @@ def image_bytes(url: str, cfg: ServeConfig) -> tuple[bytes, str]:
                 return remote.fetch(url, cfg.allowed_image_hosts, cfg.max_image_bytes, cfg.image_fetch_timeout_s,
                                     cfg.allow_private_image_hosts), "remote"
             except remote.FetchError as e:  # the client's 4xx, not a 500
-                raise APIError(e.status, e.message, code=e.code, param="messages") from e
+                raise APIError(e.status, e.message, code=e.code, param=param) from e
         raise APIError(400, "image_url must be a data:...;base64 URI (remote URLs are not allowed)",
-                       code="invalid_image_url", param="messages")
+                       code="invalid_image_url", param=param)
     if len(m["data"]) * 3 // 4 > cfg.max_image_bytes:
-        raise APIError(413, f"image larger than {cfg.max_image_bytes} bytes", code="image_too_large")
+        raise APIError(413, f"image larger than {cfg.max_image_bytes} bytes", code="image_too_large", param=param)
     try:
         data = base64.b64decode(m["data"], validate=True)
     except (binascii.Error, ValueError) as e:
-        raise APIError(400, f"image_url is not valid base64: {e}", code="invalid_base64") from e
+        raise APIError(400, f"image_url is not valid base64: {e}", code="invalid_base64", param=param) from e
     return data, "upload.dcm" if (m["mime"] or "").lower() == "application/dicom" else "upload"
 
 

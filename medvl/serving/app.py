@@ -14,19 +14,22 @@
 
 import asyncio
 import dataclasses
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledError
 from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from medvl import config, storage
 from medvl.data.images import ImageError
@@ -42,13 +45,23 @@ from medvl.serving.api import (
     to_engine_request,
 )
 from medvl.serving.engine import CONCURRENT_BATCHES, Chunk, Engine, Prepared, Preparer
-from medvl.serving.guard import KeySlots, check_exposure, key_of, load_api_keys, logger, request_id
+from medvl.serving.guard import (
+    KeySlots,
+    check_exposure,
+    host_name,
+    is_loopback,
+    key_of,
+    load_api_keys,
+    logger,
+    request_id,
+)
 from medvl.serving.page import ASSETS, HEADERS, png, render
 
 # No /docs or /redoc pages (they load scripts from a CDN into an operator's browser); the
-# spec stays at /openapi.json.
+# spec stays at /openapi.json. No trailing-slash redirects: Starlette builds their Location
+# from the Host header, which the client chooses.
 api = FastAPI(title="medvl", description="OpenAI-compatible multimodal chat for medical images",
-              docs_url=None, redoc_url=None)
+              docs_url=None, redoc_url=None, redirect_slashes=False)
 
 
 def _openapi() -> dict:
@@ -125,11 +138,50 @@ HEALTH_TIMEOUT_S = 10.0
 T = TypeVar("T")
 
 
-async def _parsed(parse: Callable[[bytes], T], raw: bytes) -> T:
+# Threads of one front replica for parsing and image decoding: their own pool, so decodes
+# queue behind each other instead of taking the default pool Ray and asyncio also use. A
+# front replica asks for a quarter of a CPU; more throughput is more front replicas.
+FRONT_THREADS = 8
+
+
+class _Slot:
+    """A request's key slot, given back once the request has ended *and* no thread it
+    started still runs. A client gone mid-decode cancels the request, not its thread (a
+    thread cannot be stopped): freed at the cancellation, the slot let one key start decode
+    after decode while the earlier ones ran on, so the per-key limit bounded no CPU."""
+
+    def __init__(self, release: Callable[[], None], pool: Executor):
+        self._release, self.pool = release, pool
+        self.threads, self.ended = 0, False
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` in the pool; the slot is held until it returns, even when this
+        request is cancelled first (one still queued is dropped from the queue then)."""
+        loop = asyncio.get_running_loop()
+        future = self.pool.submit(fn, *args)
+        self.threads += 1
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._thread_done))
+        return await asyncio.wrap_future(future)
+
+    def _thread_done(self) -> None:
+        self.threads -= 1
+        self._maybe_release()
+
+    def __call__(self) -> None:
+        """The request has ended (answered, failed or cancelled)."""
+        self.ended = True
+        self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        if self.ended and not self.threads:
+            self._release()
+
+
+async def _parsed(slot: _Slot, parse: Callable[[bytes], T], raw: bytes) -> T:
     """``parse(raw)`` off the event loop (bounded by the body limit); bad JSON or a body
     that is not the model is a 400 in OpenAI's shape."""
     try:
-        return await asyncio.to_thread(parse, raw)
+        return await slot.run(parse, raw)
     except ValueError as e:  # pydantic.ValidationError is a ValueError; so is bad JSON
         errors = getattr(e, "errors", lambda: [])()
         raise RequestValidationError(errors or [{"msg": str(e)}]) from e
@@ -223,22 +275,38 @@ class ChatDeployment:
         # `serve run/deploy` of a config: the host is Serve's, known here for certain.
         check_exposure(cfg, _get_global_client().http_config.host, self.keys)
         self.slots = KeySlots(cfg.max_requests_per_key)
+        self.pool = ThreadPoolExecutor(FRONT_THREADS, thread_name_prefix="medvl-front")
+        # Keyless on loopback: only requests that name a loopback host (see `_local`).
+        self.local_only = not self.keys and is_loopback(_get_global_client().http_config.host)
         self.page = render(cfg.model_name, bool(self.keys), cfg.max_tokens_cap)
 
     def _check(self, request: Request) -> bytes | None:
         """The caller's API key (None when the server has none), from the headers alone:
         nothing is read for a caller without one."""
         if not self.keys:
+            self._keyless(request)
             return None
         if (key := key_of(request.headers.get("authorization", ""), self.keys)) is None:
             raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                            "authentication_error", "invalid_api_key")
         return key
 
-    def _admit(self, request: Request) -> Callable[[], None]:
-        """The key, then one of its slots: the returned function gives the slot back."""
+    def _keyless(self, request: Request) -> None:
+        """Without keys any web page the user opens may send requests here. A form or a
+        ``text/plain`` fetch needs no CORS preflight, so POSTs must say
+        ``application/json`` (415); and a page whose name was re-pointed at 127.0.0.1 (DNS
+        rebinding) may read the answers, so on loopback the Host must be a loopback one (403)."""
+        if self.local_only and not is_loopback(host_name(request.headers.get("host", ""))):
+            raise APIError(403, "this keyless server answers only requests to a loopback host "
+                                "(127.0.0.1, localhost, [::1])", "permission_error", "host_not_allowed")
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.method == "POST" and media != "application/json":
+            raise APIError(415, "send the body as Content-Type: application/json", code="unsupported_media_type")
+
+    def _admit(self, request: Request) -> _Slot:
+        """The key, then one of its slots: calling the returned ``_Slot`` gives it back."""
         key = self._check(request)
-        return self.slots.take(key) if key is not None else lambda: None
+        return _Slot(self.slots.take(key) if key is not None else lambda: None, self.pool)
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused as soon as it (or its Content-Length) passes the size limit, and
@@ -262,6 +330,11 @@ class ChatDeployment:
         except TimeoutError:
             raise APIError(408, f"request body not received within {self.cfg.body_timeout_s:g} s",
                            code="request_timeout") from None
+        except (ClientDisconnect, TaskCancelledError):  # the client went away mid-body (Starlette's
+            # word, or Serve's when it cancels the body's receive first): not a server error,
+            # whose 40-line traceback it logged at ERROR; nobody is left to read the answer
+            raise APIError(400, "client disconnected before sending the whole body",
+                           code="client_disconnected") from None
 
     @api.get("/", include_in_schema=False)
     async def web_page(self) -> Response:
@@ -279,16 +352,17 @@ class ChatDeployment:
     async def preview(self, request: Request) -> Response:
         """``{"image_url": {"url": ...}}`` -> the PNG the model would get from it: the chat
         endpoint's key, slot, size limits, decoding, DICOM windowing and fitting."""
-        release = self._admit(request)
+        slot = self._admit(request)
         try:
-            body = await _parsed(PreviewRequest.model_validate_json, await self._read_body(request))
-            return Response(await asyncio.to_thread(self._preview, body), media_type="image/png",
+            parse = functools.partial(parse_request, model=PreviewRequest)
+            body = await _parsed(slot, parse, await self._read_body(request))
+            return Response(await slot.run(self._preview, body), media_type="image/png",
                             headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
         finally:
-            release()
+            slot()
 
     def _preview(self, body: PreviewRequest) -> bytes:
-        data, name = image_bytes(body.image_url.url, self.cfg)
+        data, name = image_bytes(body.image_url.url, self.cfg, param="image_url")
         try:
             pixels = self.preparer.pixels(data, name, self.cfg.max_image_pixels, self.cfg.allow_burned_in_annotation)
         except ImageError as e:
@@ -324,20 +398,20 @@ class ChatDeployment:
     async def chat(self, request: Request):
         """Admission: the key, then one of the key's slots, held until the answer (or its
         stream) ends."""
-        release = self._admit(request)
+        slot = self._admit(request)
         try:
-            response = await self._answer(request)
+            response = await self._answer(request, slot)
         except BaseException:
-            release()
+            slot()
             raise
         if isinstance(response, StreamingResponse):
-            return _Stream(response.body_iterator, release)
-        release()
+            return _Stream(response.body_iterator, slot)
+        slot()
         return response
 
-    async def _answer(self, request: Request):
-        body = await _parsed(parse_request, await self._read_body(request))
-        prepared = await asyncio.to_thread(self._prepare, body)  # decode + tokenise off the event loop
+    async def _answer(self, request: Request, slot: _Slot):
+        body = await _parsed(slot, parse_request, await self._read_body(request))
+        prepared = await slot.run(self._prepare, body)  # decode + tokenise off the event loop
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = self.streams.generate.remote(prepared)

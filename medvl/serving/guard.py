@@ -13,6 +13,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from medvl.serving.api import APIError, ServeConfig
 
@@ -32,12 +33,22 @@ def load_api_keys(cfg: ServeConfig) -> list[bytes]:
 def key_of(authorization: str, keys: list[bytes]) -> bytes | None:
     """The caller's key if it is one of ``keys``. Every key is compared, each in constant
     time, so the answer's timing says nothing about how much of a key was right."""
-    given = authorization.removeprefix("Bearer ").encode() if authorization.startswith("Bearer ") else b""
+    scheme, _, token = authorization.partition(" ")
+    given = token.encode() if scheme.lower() == "bearer" else b""  # the scheme is case-insensitive (RFC 7235)
     found = None
     for key in keys:
         if hmac.compare_digest(given, key):
             found = key
     return found
+
+
+def host_name(header: str) -> str:
+    """The host a ``Host`` header names, without its port (``[::1]:8000`` -> ``::1``);
+    ``""`` when it names none."""
+    try:
+        return urlsplit(f"//{header}").hostname or ""
+    except ValueError:  # an unclosed IPv6 bracket
+        return ""
 
 
 def is_loopback(host: str) -> bool:

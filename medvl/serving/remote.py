@@ -34,22 +34,30 @@ class FetchError(Exception):
 def target(url: str, allowed: list[str]) -> tuple[str, str, int] | None:
     """``(scheme, host, port)`` when ``url`` is http(s) to an allow-listed ``host[:port]``
     (no port: the scheme's default), else None."""
-    parts = urlsplit(url)
-    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
-        return None
-    try:
+    try:  # urlsplit refuses "http://[::1" and "http://a]b/"; .port a port out of range
+        parts = urlsplit(url)
+        if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+            return None
         port = parts.port or DEFAULT_PORTS[parts.scheme]
-    except ValueError:  # a port that is not a number, or out of range
+    except ValueError:
         return None
     for entry in allowed:
-        listed = urlsplit(f"//{entry}")
         try:
+            listed = urlsplit(f"//{entry}")
             listed_port = listed.port or DEFAULT_PORTS[parts.scheme]
         except ValueError:  # a malformed entry allows nothing
             continue
         if listed.hostname == parts.hostname and listed_port == port:
             return parts.scheme, parts.hostname, port
     return None
+
+
+def _netloc(url: str) -> str:
+    """``url``'s host and port for a message, which a malformed URL must not turn into a 500."""
+    try:
+        return urlsplit(url).netloc
+    except ValueError:
+        return "(malformed URL)"
 
 
 def public_address(host: str, port: int, allow_private: bool) -> str:
@@ -145,8 +153,8 @@ def fetch(url: str, allowed: list[str], limit: int, timeout_s: float, allow_priv
     for _ in range(MAX_REDIRECTS + 1):
         where = target(url, allowed)
         if where is None:
-            raise FetchError(400, f"image_url {urlsplit(url).netloc!r} is not an allowed image host "
-                                  "(host and port)", "invalid_image_url")
+            raise FetchError(400, f"image_url {_netloc(url)!r} is not an allowed image host (host and port)",
+                             "invalid_image_url")
         scheme, host, port = where
         ip = public_address(host, port, allow_private)
         conn = (_PinnedTLS if scheme == "https" else _Pinned)(host, port, ip, _left(deadline, timeout_s))
@@ -157,7 +165,10 @@ def fetch(url: str, allowed: list[str], limit: int, timeout_s: float, allow_priv
             conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
             response = conn.getresponse()
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
-                url = urljoin(url, response.getheader("Location"))
+                try:
+                    url = urljoin(url, response.getheader("Location"))
+                except ValueError as e:  # "http://[::1": urlsplit's refusal
+                    raise FetchError(400, "image_url redirects to a malformed URL", "invalid_image_url") from e
                 continue
             if response.status != 200:
                 raise FetchError(400, f"image_url answered HTTP {response.status}", "image_fetch_failed")

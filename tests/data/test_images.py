@@ -130,14 +130,18 @@ def test_stored_window_is_the_standard_voi_transform(function):
     assert ours.min() > 40  # the darkest pixel (127) sits ~20% into the window, not at black
 
 
-def test_invalid_stored_window_falls_back_to_percentiles():
-    """A zero window width (seen in real exports) must not cost the image."""
+@pytest.mark.parametrize("center,width", [("100", "0"), ("abc", "200"), ("100", "")])
+def test_invalid_stored_window_falls_back_to_percentiles(center, width):
+    """A zero window width (seen in real exports), or a window that is not a number (it was
+    a 400 corrupt_image), must not cost the image."""
     import io
 
     import pydicom
 
     ds = pydicom.dcmread(DICOM["MR_small.dcm"])
     ds.WindowCenter, ds.WindowWidth = 100, 0
+    ds.add_new("WindowCenter", "LO", center)  # as text: pydicom refuses to write "abc" as a number
+    ds.add_new("WindowWidth", "LO", width)
     buf = io.BytesIO()
     ds.save_as(buf)
     rgb = dicom_to_rgb(buf.getvalue(), 10**8)
@@ -169,6 +173,28 @@ def test_a_thin_image_whose_padded_canvas_is_a_bomb_is_rejected_from_its_header(
     with pytest.raises(images.ImageError) as e:
         images.load_image(png_header(100_000, 1), "x.png", spec)
     assert e.value.reason == "image_too_large" and "canvas" in e.value.detail
+
+
+def scan_bomb(w: int, h: int, extra: int) -> bytes:
+    """A flat progressive JPEG with its last scan repeated ``extra`` times before EOI: every
+    scan is a pass over the whole image (7000x7000 with 400: 21 s of decode in 222 KB)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), 128).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    last = data[data.rindex(b"\xff\xda"):-2]
+    return data[:-2] + last * extra + b"\xff\xd9"
+
+
+def test_a_jpeg_of_countless_scans_is_refused_before_it_is_decoded():
+    spec = images.ImageSpec(size=32)
+    assert images.load_image(scan_bomb(256, 256, 0), "ok.jpg", spec).shape == (32, 32, 3)  # 10 scans
+    assert images.load_image(scan_bomb(256, 256, 54), "ok.jpg", spec).shape == (32, 32, 3)  # 64: the limit
+    with pytest.raises(images.ImageError) as e:  # load_image: preprocessing's path (serving's: test_hostile)
+        images.load_image(scan_bomb(256, 256, 400), "bomb.jpg", spec)
+    assert e.value.reason == "too_many_scans" and "410 scans" in e.value.detail
+    buf = io.BytesIO()  # metadata is skipped by its length, as the decoder skips it: no false scans
+    Image.new("RGB", (64, 64)).save(buf, "JPEG", progressive=True, comment=b"\xff\xda" * 1000)
+    assert images.load_image(buf.getvalue(), "comment.jpg", spec).shape == (32, 32, 3)
 
 
 def test_crop_of_a_thin_image_resamples_only_the_kept_box():

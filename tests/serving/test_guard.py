@@ -6,16 +6,20 @@ with a real remote traceback, whose text must reach the server log and not the c
 """
 
 import glob
+import json
 import logging
 import os
 import socket
 import sys
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import requests
 
 from medvl.serving.api import ServeConfig
+from tests.conftest import QuietHandler, free_port, http_server
 from tests.serving.conftest import QUESTION, png_data_uri, serving
 
 KEY_A, KEY_B = "sk-guard-a", "sk-guard-b"
@@ -76,14 +80,45 @@ def test_keys_are_compared_in_constant_time_and_all_of_them():
 
     keys = [b"sk-1", b"sk-2", b"sk-3"]
     for header, want in [("Bearer sk-1", b"sk-1"), ("Bearer sk-9", None), ("sk-1", None),
-                         ("Bearer ключ", None)]:  # non-ASCII text: compare_digest takes bytes only
+                         ("Bearer ключ", None),  # non-ASCII text: compare_digest takes bytes only
+                         ("bearer sk-2", b"sk-2"), ("BEARER sk-3", b"sk-3"),  # RFC 7235: any case
+                         ("Basic sk-1", None), ("Bearersk-1", None)]:
         assert _compare_digest_calls(lambda h=header: key_of(h, keys)) == len(keys)
         assert key_of(header, keys) == want
 
 
+@pytest.mark.parametrize("header,host", [("127.0.0.1:8000", "127.0.0.1"), ("[::1]:8000", "::1"),
+                                         ("LocalHost", "localhost"), ("evil.example", "evil.example"),
+                                         ("[::1", ""), ("", "")])
+def test_the_host_a_host_header_names(header, host):
+    from medvl.serving.guard import host_name
+
+    assert host_name(header) == host
+
+
 # --- over HTTP ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def guarded(ray_cluster, bpe_tokenizer, tmp_path_factory):
+def gate():
+    """An image host whose answers (404s) wait until the test opens the gate: a decode
+    thread that runs as long as the test likes."""
+    port = free_port()
+    gate = SimpleNamespace(url=f"http://127.0.0.1:{port}/x.png", host=f"127.0.0.1:{port}",
+                           arrived=threading.Semaphore(0), opened=threading.Event())
+
+    class Handler(QuietHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            gate.arrived.release()
+            gate.opened.wait(120)
+            self.send_response(404)
+            self.end_headers()
+
+    with http_server(port, Handler):
+        yield gate
+        gate.opened.set()
+
+
+@pytest.fixture(scope="module")
+def guarded(ray_cluster, bpe_tokenizer, tmp_path_factory, gate):
     """Two keys, two requests in flight per key; the model misexported (see module doc)."""
     from medvl.model.build import build_tiny
     from medvl.serving.engine import write_meta
@@ -97,7 +132,8 @@ def guarded(ray_cluster, bpe_tokenizer, tmp_path_factory):
     keyfile = tmp_path_factory.mktemp("keys") / "keys.txt"
     keyfile.write_text(f"{KEY_A}\n{KEY_B}\n")
     cfg = ServeConfig(model=uri, api_key_file=str(keyfile), max_requests_per_key=2, body_timeout_s=4,
-                      max_tokens_cap=4)
+                      max_tokens_cap=4, allowed_image_hosts=[gate.host], allow_private_image_hosts=True,
+                      image_fetch_timeout_s=120)
     yield from serving(cfg)
 
 
@@ -190,3 +226,33 @@ def test_max_tokens_is_capped_by_the_front(guarded):
     r = _post(guarded, KEY_A, max_tokens=100_000)
     assert r.status_code == 200, r.text
     assert 1 <= r.json()["usage"]["completion_tokens"] <= 4
+
+
+@pytest.mark.slow
+def test_a_client_gone_mid_decode_keeps_its_slot_until_the_decode_ends(guarded, gate):
+    """The slot was given back when the client hung up, while its decode thread ran on: one
+    key could start decode after decode. Now it is held until the thread ends."""
+    body = json.dumps({"model": "medvl", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": gate.url}}, {"type": "text", "text": QUESTION}]}]})
+    socks = []
+    for _ in range(2):  # both of key A's slots
+        s = socket.create_connection(("127.0.0.1", int(guarded.rsplit(":", 1)[1])), timeout=20)
+        s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY_A}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+        socks.append(s)
+    try:
+        for _ in socks:
+            assert gate.arrived.acquire(timeout=60), "the fetch never reached the image host"
+    finally:
+        for s in socks:
+            s.close()  # the requests are cancelled; their threads wait at the gate
+    until = time.time() + 5  # the cancellation reached the replica well within this (< 0.1 s here)
+    while time.time() < until:
+        r = _post(guarded, KEY_A)
+        assert r.status_code == 429, r.text
+        time.sleep(0.25)
+    gate.opened.set()
+    deadline = time.time() + 30
+    while (r := _post(guarded, KEY_A)).status_code == 429 and time.time() < deadline:
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text

@@ -179,3 +179,111 @@ def test_the_endpoint_refuses_burned_in_dicom_by_default(roomy_server):
     r = requests.post(f"{roomy_server}/v1/chat/completions", timeout=60, json={"model": "medvl", "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "问"}]}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "burned_in_annotation"
+
+
+# --- a security review of the served front (keyless roomy_server: loopback, no keys) -------
+MALFORMED_URLS = ["http://[::1", "https://[evil", "http://a]b/"]
+
+
+def _image_message(url: str) -> dict:
+    return {"model": "medvl", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "问"}]}]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("url", MALFORMED_URLS)
+def test_a_malformed_image_url_is_a_400_on_both_endpoints(roomy_server, url):
+    """urlsplit's ValueError was a 500 with a traceback at ERROR."""
+    for path, body, param in [("/v1/images/preview", {"image_url": {"url": url}}, "image_url"),
+                              ("/v1/chat/completions", _image_message(url), "messages")]:
+        r = requests.post(f"{roomy_server}{path}", json=body, timeout=60)
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error"]["code"] == "invalid_image_url" and r.json()["error"]["param"] == param
+
+
+@pytest.mark.slow
+def test_the_preview_counts_json_values_before_parsing(roomy_server):
+    """The preview parsed its body without the chat endpoint's value count."""
+    body = json.dumps({"image_url": {"url": "x"}, "pad": [0] * 100_000}).encode()
+    r = requests.post(f"{roomy_server}/v1/images/preview", data=body, timeout=60,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_complex", r.text
+
+
+@pytest.mark.slow
+def test_a_jpeg_of_countless_scans_is_a_400_on_both_endpoints(roomy_server):
+    from tests.data.test_images import scan_bomb
+
+    uri = "data:image/jpeg;base64," + base64.b64encode(scan_bomb(256, 256, 400)).decode()
+    for path, body in [("/v1/images/preview", {"image_url": {"url": uri}}),
+                       ("/v1/chat/completions", _image_message(uri))]:
+        r = requests.post(f"{roomy_server}{path}", json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_scans", (path, r.text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "10.0.0.1", "127.0.0.1.evil.example"])
+def test_a_keyless_server_answers_only_loopback_hosts(roomy_server, host):
+    """DNS rebinding: a page whose name now resolves to 127.0.0.1 could read the answers."""
+    for r in [requests.get(f"{roomy_server}/v1/models", headers={"Host": host}, timeout=60),
+              requests.post(f"{roomy_server}/v1/chat/completions", headers={"Host": host}, timeout=60,
+                            json=_image_message("http://x"))]:
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", r.text
+    port = roomy_server.rsplit(":", 1)[1]
+    for ok in ["127.0.0.1", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST"]:
+        assert requests.get(f"{roomy_server}/v1/models", headers={"Host": ok}, timeout=60).status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("media", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_keyless_server_takes_only_json_posts(roomy_server, media):
+    """A form or a text/plain fetch from any web page needs no CORS preflight."""
+    body = json.dumps(_image_message("http://x")).encode()
+    headers = {"Content-Type": media} if media else {}
+    for path in ["/v1/chat/completions", "/v1/images/preview"]:
+        r = requests.post(f"{roomy_server}{path}", data=body, headers=headers, timeout=60)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+    r = requests.post(f"{roomy_server}/v1/chat/completions", data=body, timeout=60,
+                      headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image_url", r.text  # past the check
+
+
+@pytest.mark.slow
+def test_no_redirect_is_built_from_the_host_header(roomy_server):
+    r = requests.get(f"{roomy_server}/web/style.css/", headers={"Host": "evil.example"}, timeout=60,
+                     allow_redirects=False)
+    assert r.status_code == 404 and "location" not in r.headers
+
+
+@pytest.mark.slow
+def test_a_client_gone_mid_upload_is_not_a_server_error(roomy_server):
+    """Starlette's ClientDisconnect from the body read went to the catch-all handler: a
+    40-line traceback at ERROR per dropped upload."""
+    import glob
+    import os
+    import socket
+    import uuid
+
+    import ray
+
+    rid = uuid.uuid4().hex
+    with socket.create_connection(("127.0.0.1", int(roomy_server.rsplit(":", 1)[1])), timeout=20) as s:
+        s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: {rid}\r\n"
+                   "Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
+                   + "x" * 100_000).encode())
+        time.sleep(0.3)  # the replica is reading the body (a short body was only cancelled)
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "serve")
+
+    def lines() -> list[str]:
+        found = []
+        for path in glob.glob(f"{logs}/replica_*MedVLChat*.log"):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                found += [line for line in f if rid in line or "ClientDisconnect" in line]
+        return found
+
+    deadline = time.time() + 30
+    while not any("POST /v1/chat/completions" in line for line in lines()) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)  # the handler's own lines may follow the access line
+    assert any("POST /v1/chat/completions" in line for line in lines()), f"no access line for {rid} in {logs}"
+    assert not any("failed" in line or "ClientDisconnect" in line for line in lines()), lines()

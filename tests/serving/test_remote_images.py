@@ -2,8 +2,6 @@
 pairs at public addresses (loopback only where the config allows it explicitly), on every
 redirect too, within one deadline; a failed fetch is a 400, not a 500."""
 
-import http.server
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -11,7 +9,7 @@ import pytest
 
 from medvl.serving import remote
 from medvl.serving.api import APIError, ServeConfig, image_bytes
-from tests.conftest import free_port
+from tests.conftest import QuietHandler, free_port, http_server
 
 
 @dataclass
@@ -26,7 +24,7 @@ def site():
     port = free_port()
     site = Site(f"http://127.0.0.1:{port}", port)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             site.hosts.append(self.headers["Host"])
             if self.path == "/drip":  # one byte every 0.25 s: each read is quick, the whole is not
@@ -57,6 +55,10 @@ def site():
                 self.send_response(302)
                 self.send_header("Location", f"http://localhost:{port}/img.png")
                 self.end_headers()
+            elif self.path == "/redirect-malformed":
+                self.send_response(302)
+                self.send_header("Location", "http://[::1/img.png")
+                self.end_headers()
             elif self.path == "/redirect-allowed":
                 self.send_response(302)
                 self.send_header("Location", f"http://127.0.0.1:{port}/img.png")
@@ -65,13 +67,8 @@ def site():
                 self.send_response(404)
                 self.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield site
-    server.shutdown()
+    with http_server(port, Handler):
+        yield site
 
 
 def _cfg(*hosts: str, **kw) -> ServeConfig:
@@ -150,3 +147,25 @@ def test_one_deadline_bounds_the_whole_fetch(site, path):
         image_bytes(f"{site.url}{path}", _cfg(f"127.0.0.1:{site.port}", image_fetch_timeout_s=1.0))
     assert e.value.status == 400 and "within 1 s" in e.value.message
     assert time.monotonic() - start < 4.0  # the drip lasts 5 s: cut short, with room for a loaded machine
+
+
+MALFORMED = ["http://[::1", "https://[evil", "http://a]b/"]  # urlsplit raises ValueError on each
+
+
+@pytest.mark.parametrize("url", MALFORMED)
+def test_a_malformed_url_is_a_400_not_a_500(url):
+    """urlsplit's ValueError went up uncaught: a 500 with a traceback at ERROR."""
+    with pytest.raises(APIError) as e:
+        image_bytes(url, _cfg("127.0.0.1", "[::1]"))
+    assert e.value.status == 400 and e.value.code == "invalid_image_url"
+    assert remote.target(url, ["[::1]"]) is None
+    with pytest.raises(remote.FetchError) as f:  # called directly, fetch says so too
+        remote.fetch(url, ["[::1]"], 100, 1.0)
+    assert f.value.code == "invalid_image_url"
+
+
+def test_a_redirect_to_a_malformed_url_and_a_malformed_allow_list_entry_are_refused(site):
+    with pytest.raises(APIError) as e:
+        image_bytes(f"{site.url}/redirect-malformed", _cfg(f"127.0.0.1:{site.port}"))
+    assert e.value.status == 400 and e.value.code == "invalid_image_url"
+    assert remote.target("http://pacs.example/x.png", ["[pacs.example", "pacs.example"])  # the bad entry allows nothing
