@@ -86,8 +86,10 @@ def s3_endpoint():
     Set before Ray starts, so Ray workers inherit the same endpoint and credentials.
     """
     port = free_port()
+    # AWS managed policies (AmazonEC2FullAccess, which cluster/iam.py attaches) exist in IAM
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"})
     url = f"http://127.0.0.1:{port}"
     env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -55,6 +55,8 @@ def fake_config(aws_yaml: Path, gcs_port: int) -> dict:
         t["resources"] = {**AWS_RESOURCES[t["node_config"]["InstanceType"]], **t["resources"],
                           "object_store_memory": OBJECT_STORE}
         t["node_config"] = {}
+        t.pop("initialization_commands", None)  # host setup (the NVMe RAID): no host here
+        t.pop("docker", None)
     types[HEAD_TYPE] = {"resources": {**AWS_RESOURCES[head["node_config"]["InstanceType"]], **head["resources"]},
                         "labels": head.get("labels", {}), "node_config": {}, "max_workers": 0}
     provider = {"type": "external", "module": PROVIDER, "gcs_address": f"127.0.0.1:{gcs_port}",

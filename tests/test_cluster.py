@@ -3,6 +3,7 @@
 import copy
 import fnmatch
 import importlib.util
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,88 @@ def test_kuberay_token_auth():
         spec = yaml.safe_load((CLUSTER / "kuberay" / name).read_text())["spec"][key]
         assert spec["authOptions"] == {"mode": "token"}, name
         assert tuple(map(int, spec["rayVersion"].split(".")[:2])) >= (2, 52), name
+
+
+def _docker_options(node_type: str) -> list[str]:
+    """`docker run` options of a worker of this type, merged as Ray's autoscaler v2 merges them."""
+    from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
+
+    docker = AutoscalingConfig(_aws(), skip_content_hash=True).get_docker_config(node_type)
+    return docker["run_options"] + docker.get("worker_run_options", [])
+
+
+def test_gpu_train_checkpoints_to_a_raid0_of_its_nvme_disks():
+    """Ranks write each ~20 GB checkpoint to $TMPDIR before Ray uploads it: on gpu_train that is
+    the instance-store RAID0, mounted on the host before docker starts and passed in; elsewhere
+    the container's /tmp. GPU root disks are provisioned above gp3's 125 MB/s default."""
+    types = _aws()["available_node_types"]
+    (init,) = types["gpu_train"]["initialization_commands"]
+    assert "mdadm --create" in init and "--level=0" in init and "mount" in init
+    assert "mkdir -p /nvme/tmp" in init and "chmod 1777 /nvme/tmp" in init  # the container user `ray`
+    assert subprocess.run(["bash", "-n", "-c", init]).returncode == 0
+    train = _docker_options("gpu_train")
+    assert "-v /nvme:/nvme" in train and "--env TMPDIR=/nvme/tmp" in train
+    assert "--env RAY_AUTH_MODE=token" in train  # the shared options are kept, not replaced
+    for name in ("cpu_worker", "gpu_serve"):
+        assert not any("nvme" in o.lower() for o in _docker_options(name)), name
+        assert "initialization_commands" not in types[name], name
+    for name in ("gpu_train", "gpu_serve"):
+        (disk,) = types[name]["node_config"]["BlockDeviceMappings"]
+        ebs = disk["Ebs"]
+        assert ebs["VolumeType"] == "gp3" and 500 <= ebs["Throughput"] <= 1000, name
+        assert ebs["Throughput"] <= ebs["Iops"] / 4 and ebs["Iops"] <= 16000, name  # gp3's limits
+
+
+def _role_policies(iam, role: str) -> dict:
+    inline = {p: iam.get_role_policy(RoleName=role, PolicyName=p)["PolicyDocument"]
+              for p in iam.list_role_policies(RoleName=role)["PolicyNames"]}
+    managed = sorted(p["PolicyArn"] for p in iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"])
+    return {"inline": inline, "managed": managed}
+
+
+def _statements(document: dict) -> set[tuple]:
+    """(actions, resources) of each Allow statement, order-free."""
+    def as_tuple(value) -> tuple:
+        return tuple(sorted([value] if isinstance(value, str) else value))
+    assert {s["Effect"] for s in document["Statement"]} == {"Allow"}
+    return {(as_tuple(s["Action"]), as_tuple(s["Resource"])) for s in document["Statement"]}
+
+
+def test_every_node_has_an_instance_profile_and_the_heads_can_launch_gpu_workers(s3_endpoint):
+    """cluster/iam.py against a loopback IAM (moto): workers get S3 on the named bucket only
+    (Ray gives workers no profile); the head's profile also passes the workers' role and
+    reads the DLAMI's SSM parameter (RunInstances with resolve:ssm: needs it). Re-running
+    changes nothing and removes a policy attached since."""
+    import boto3
+    from ray.autoscaler._private.aws.config import _configure_iam_role
+
+    iam_py = _load("iam")
+    raw = _aws()
+    profiles = {name: t["node_config"].get("IamInstanceProfile") for name, t in raw["available_node_types"].items()}
+    head = profiles.pop(raw["head_node_type"])
+    assert head == {"Name": iam_py.HEAD} and set(map(str, profiles.values())) == {str({"Name": iam_py.NODE})}
+    config = prepare_config(copy.deepcopy(raw))
+    assert "IamInstanceProfile" not in _configure_iam_role(config).get("head_node", {})  # Ray makes none
+
+    bucket = s3_endpoint.removeprefix("s3://")
+    arns = iam_py.ensure_profiles([s3_endpoint + "/runs"])
+    iam = boto3.client("iam")
+    node_role = iam.get_role(RoleName=iam_py.NODE)["Role"]["Arn"]
+    s3 = {(("s3:GetBucketLocation", "s3:ListBucket"), (f"arn:aws:s3:::{bucket}",)),
+          (("s3:AbortMultipartUpload", "s3:DeleteObject", "s3:GetObject", "s3:PutObject"),
+           (f"arn:aws:s3:::{bucket}/*",))}
+    node = _role_policies(iam, iam_py.NODE)
+    assert node["managed"] == [] and {k: _statements(v) for k, v in node["inline"].items()} == {"medvl-s3": s3}
+    head_policies = _role_policies(iam, iam_py.HEAD)
+    assert head_policies["managed"] == ["arn:aws:iam::aws:policy/AmazonEC2FullAccess"]
+    assert {k: _statements(v) for k, v in head_policies["inline"].items()} == {"medvl-s3": s3, "medvl-launch": {
+        (("iam:PassRole",), (node_role,)),
+        (("ssm:GetParameter", "ssm:GetParameters"), ("arn:aws:ssm:*::parameter/aws/service/deeplearning/*",))}}
+    for name, arn in arns.items():
+        (role,) = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]["Roles"]
+        assert role["RoleName"] == name and arn.endswith(f":instance-profile/{name}")
+
+    before = {r: _role_policies(iam, r) for r in arns}
+    iam.attach_role_policy(RoleName=iam_py.NODE, PolicyArn="arn:aws:iam::aws:policy/AmazonS3FullAccess")
+    assert iam_py.ensure_profiles([s3_endpoint + "/runs"]) == arns
+    assert {r: _role_policies(iam, r) for r in arns} == before
