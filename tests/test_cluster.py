@@ -216,11 +216,7 @@ def test_gpu_train_checkpoints_to_a_raid0_of_its_nvme_disks():
     """Ranks write each ~20 GB checkpoint to $TMPDIR before Ray uploads it: on gpu_train that is
     the instance-store RAID0, mounted on the host before docker starts and passed in; elsewhere
     the container's /tmp. GPU root disks are provisioned above gp3's 125 MB/s default."""
-    types = _aws()["available_node_types"]
-    (init,) = types["gpu_train"]["initialization_commands"]
-    assert "mdadm --create" in init and "--level=0" in init and "mount" in init
-    assert "mkdir -p /nvme/tmp" in init and "chmod 1777 /nvme/tmp" in init  # the container user `ray`
-    assert subprocess.run(["bash", "-n", "-c", init]).returncode == 0
+    types = _aws()["available_node_types"]  # the RAID itself: test_nvme_setup_...
     train = _docker_options("gpu_train")
     assert "-v /nvme:/nvme" in train and "--env TMPDIR=/nvme/tmp" in train
     assert "--env RAY_AUTH_MODE=token" in train  # the shared options are kept, not replaced
@@ -287,3 +283,34 @@ def test_every_node_has_an_instance_profile_and_the_heads_can_launch_gpu_workers
     iam.attach_role_policy(RoleName=iam_py.NODE, PolicyArn="arn:aws:iam::aws:policy/AmazonS3FullAccess")
     assert iam_py.ensure_profiles([s3_endpoint + "/runs"]) == arns
     assert {r: _role_policies(iam, r) for r in arns} == before
+
+
+def _run_nvme_setup(tmp_path: Path, mounted: str) -> list[str]:
+    """gpu_train's initialization command under bash, with stubs for what needs a p4de's host
+    (root, block devices): the `sudo` commands it would run, one a line."""
+    (init,) = _aws()["available_node_types"]["gpu_train"]["initialization_commands"]
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    disks = "".join(f"/dev/nvme{i}n1 Amazon EC2 NVMe Instance Storage\n" for i in range(1, 9))
+    scripts = {"sudo": f'echo "$*" >> {tmp_path}/sudo.log',
+               "mountpoint": 'case " $MOUNTED " in *" $2 "*) exit 0;; esac; exit 1',
+               "lsblk": f"printf '/dev/nvme0n1 Amazon Elastic Block Store\\n{disks}'"}
+    for name, body in scripts.items():
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    log = tmp_path / "sudo.log"
+    log.unlink(missing_ok=True)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "MOUNTED": mounted}
+    subprocess.run(["bash", "-c", init], env=env, check=True)
+    return log.read_text().splitlines()
+
+
+def test_nvme_setup_makes_one_raid0_of_the_instance_store_disks_once(tmp_path):
+    disks = " ".join(f"/dev/nvme{i}n1" for i in range(1, 9))  # not nvme0n1: the EBS root disk
+    tmp = ["mkdir -p /nvme/tmp", "chmod 1777 /nvme/tmp"]
+    assert _run_nvme_setup(tmp_path, "") == [
+        "mkdir -p /nvme", f"mdadm --create /dev/md/nvme --run --level=0 --raid-devices=8 {disks}",
+        "mkfs.ext4 -q -F -E nodiscard /dev/md/nvme", "mount /dev/md/nvme /nvme", *tmp]
+    assert _run_nvme_setup(tmp_path, "/opt/dlami/nvme") == [  # the AMI's own RAID, reused
+        "mkdir -p /nvme", "mount --bind /opt/dlami/nvme /nvme", *tmp]
+    assert _run_nvme_setup(tmp_path, "/nvme") == tmp  # a re-run (`ray up` again)
