@@ -138,8 +138,9 @@ def wait_uploaded(local: str | None, timeout_s: float, poll_s: float = 0.5) -> N
         waited = time.monotonic() - t0
         if waited >= timeout_s:
             raise TimeoutError(f"checkpoint directory {local} still exists after {waited:.0f} s "
-                               f"(upload_timeout_s {timeout_s:g}): its upload stalled or Ray could not "
-                               "delete it; ending this attempt, Ray restarts from the last complete checkpoint")
+                               f"(upload_timeout_s {timeout_s:g}; raise it for uploads this slow): its upload "
+                               "stalled or Ray could not delete it; ending this attempt, Ray restarts from the "
+                               "last complete checkpoint")
         if waited >= next_log:
             print(f"still waiting for the upload of {local} after {waited:.0f} s "
                   f"(upload_timeout_s {timeout_s:g})", flush=True)
