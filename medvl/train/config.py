@@ -28,6 +28,17 @@ class TrainConfig:
     epochs: int = field(default=1, metadata={"help": "passes over the data"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: all)"})
     zero_stage: Literal[0, 1, 2, 3] = field(default=2, metadata={"help": "DeepSpeed ZeRO stage"})
+    # ZeRO-3 steps the optimizer one sub-group of its partition at a time, and for each makes
+    # an fp32 copy of the sub-group's gradients first (``_prepare_fp32_grad_for_sub_group``: a
+    # flattened copy, then the cast from bf16). LLaVA's 1e9 elements is the whole partition of
+    # a rank up to 8B parameters per rank: at 13B on 8 GPUs that is 1e9 x (2 + 4) bytes = 5.6
+    # GiB of GPU memory at each step; 1e7 makes it 60 MB (on the CPU rehearsal: -0.5 W of a
+    # worker's peak, benchmarks/memory.py). Adam is elementwise: the same update, in more
+    # kernel calls, so not a result-changing field; but a checkpoint loads only with the
+    # sub-group size it was saved with (``checkpoint.check_resumable``).
+    zero_sub_group_size: int = field(default=10**7, metadata={
+        "help": "ZeRO-3 optimizer sub-group (elements); resume a checkpoint with the value it was saved with",
+        "result": False})
     bf16: bool = field(default=False, metadata={"help": "bf16 (GPU); fp32 is faster on CPU"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations"})
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = field(
@@ -37,6 +48,11 @@ class TrainConfig:
     max_shard_mb: int = field(default=5000, metadata={"help": "largest safetensors shard of the exported model"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in storage", "result": False})
     max_failures: int = field(default=2, metadata={"help": "worker failures survived by restoring", "result": False})
+    # Ray Train's TorchConfig gives collectives 1800 s: the ranks that finished their upload
+    # wait that long in save_checkpoint for one that did not, so stop that one first.
+    upload_timeout_s: float = field(default=1500, metadata={
+        "help": "seconds a rank waits for its previous checkpoint's upload before failing the attempt",
+        "result": False})
     seed: int = field(default=0, metadata={"help": "model init and batch order"})
     lora_r: int = field(default=0, metadata={"help": "stage 2: LoRA rank on the LLM (0: full fine-tuning)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})

@@ -7,18 +7,14 @@ directory that ``ray.train.report`` hands to storage; rank 0 adds the step count
 data position) and the metrics so far, and appends each step's metrics to
 ``metrics.jsonl`` and TensorBoard as it goes (``tracking.py``; the driver prints them).
 After the last step the workers write the HF model themselves (``export.export_hf``).
+Saving, uploading and the checkpoint's contents are ``checkpoint.py``'s.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-import posixpath
-import re
-import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -27,6 +23,14 @@ import torch
 
 from medvl import storage
 from medvl.train.batching import model_inputs
+from medvl.train.checkpoint import (
+    CKPT_TAG,
+    STATE_FILE,
+    needed_by,
+    optimizer_layout,
+    remove_unfinished_uploads,
+    save_and_report,
+)
 from medvl.train.collectives import all_reduce_sum, host_group
 from medvl.train.config import TrainConfig
 from medvl.train.export import export_hf
@@ -37,10 +41,6 @@ from medvl.train.optim import adamw, lr_lambda
 from medvl.train.tracking import Tracker
 from medvl.train.validation import ValPlan, load_batches, val_due, validation_loss
 from medvl.train.zero import deepspeed_config, initialize
-
-CKPT_TAG = "ckpt"
-STATE_FILE = "state.json"  # step (= data position) and metrics, written by rank 0
-RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank partition files
 
 
 def projector_digest(engine) -> str:
@@ -53,13 +53,6 @@ def projector_digest(engine) -> str:
         for _, p in sorted(proj.named_parameters()):
             h.update(p.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()
-
-
-def needed_by(rel: str, rank: int) -> bool:
-    """Whether ``rank`` loads checkpoint file ``rel``: the common files and its own ZeRO
-    partitions (DeepSpeed opens no other rank's unless ``elastic_checkpoint``, off here)."""
-    m = RANK_FILE.search(posixpath.basename(rel))
-    return m is None or int(m[1]) == rank
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -152,9 +145,10 @@ def train_loop_per_worker(config: dict) -> None:
             tracker.log(records, history)
             pending = []
         if save:
-            state = {"step": step + 1, "history": history, "resumes": resumes, "init_projector_sha256": digest}
+            state = {"step": step + 1, "history": history, "resumes": resumes, "init_projector_sha256": digest,
+                     "optimizer_layout": optimizer_layout(cfg)}
             memory.mark_first("to checkpoint")
-            uploading, stall = save_and_report(engine, state, uploading, prefix)
+            uploading, stall = save_and_report(engine, state, uploading, prefix, cfg.upload_timeout_s)
             memory.mark_first("checkpoint")
             feed["checkpoints"].append({"step": step + 1, **stall})
             tracker.sync()
@@ -174,57 +168,3 @@ def sync_metrics(pending: list[dict], world: int) -> list[dict]:
              "tokens_per_s": tokens / p["step_s"], "step_s": p["step_s"], "padding": 1 - tokens / padded,
              "data_wait": p["data_wait"], "time": p["time"], **{k: p[k] for k in ("val_loss",) if k in p}}
             for p, (loss, tokens, padded) in zip(pending, sums, strict=True)]
-
-
-def upload_prefix(cfg: TrainConfig, rank: int) -> str:
-    """The name prefix of this run's and rank's local checkpoint directories (in ``TMPDIR``):
-    the run's storage URI is in it, so another run on the node keeps its own."""
-    run = hashlib.sha256(storage.join(cfg.output, cfg.name).encode()).hexdigest()[:12]
-    return f"medvl-ckpt-{run}-r{rank}-"
-
-
-def remove_unfinished_uploads(cfg: TrainConfig, rank: int) -> str:
-    """Remove the local checkpoint directories a killed attempt of this run and rank left
-    (Ray deletes one only once uploaded; at 13B each is ~20 GB of the node's disk); return
-    the prefix for new ones."""
-    prefix = upload_prefix(cfg, rank)
-    for d in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(prefix) + "*")):
-        shutil.rmtree(d, ignore_errors=True)
-    return prefix
-
-
-def save_and_report(engine, state: dict, previous: str | None, prefix: str) -> tuple[str, dict[str, float]]:
-    """All ranks save their ZeRO shards (frozen parameters excluded); rank 0 adds the state;
-    all report the same directory name, so Ray merges the shards into one checkpoint.
-
-    The upload runs in Ray's background thread (``CheckpointUploadMode.ASYNC``): the next
-    steps start while the shards upload (at 13B, ~20 GB per rank, minutes to S3), and Ray
-    deletes the local directory once it is uploaded, and flushes the last upload before the
-    run ends. Ray only records a checkpoint once every rank's upload is done, so a restart
-    resumes from a complete one. Before writing, wait until the ``previous`` checkpoint's
-    directory is gone (uploaded): one checkpoint per rank on local disk (``TMPDIR``), not
-    a queue of them when uploads are slower than ``checkpoint_every``. Returns the directory
-    and the seconds spent waiting for the previous upload, saving, and in ``report``."""
-    t = [time.perf_counter()]
-    wait_uploaded(previous)
-    t.append(time.perf_counter())
-    tmp = tempfile.mkdtemp(prefix=prefix)  # removed by Ray after the upload
-    engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
-    if ray.train.get_context().get_world_rank() == 0:
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(state, f)
-    t.append(time.perf_counter())
-    metrics = {**state["history"][-1], "step": state["step"]}
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                     checkpoint_dir_name=f"checkpoint_{state['step']:06d}",
-                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                     delete_local_checkpoint_after_upload=True)
-    t.append(time.perf_counter())
-    return tmp, {k: b - a for k, a, b in zip(("wait_s", "save_s", "report_s"), t[:-1], t[1:], strict=True)}
-
-
-def wait_uploaded(local: str | None, poll_s: float = 0.5) -> None:
-    """Block until Ray's upload thread has uploaded and deleted ``local`` (a failed upload
-    ends the run from that thread, so this does not wait forever)."""
-    while local and os.path.exists(local):
-        time.sleep(poll_s)

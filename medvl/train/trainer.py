@@ -23,9 +23,10 @@ from medvl.console import MetricsFollower, init_ray
 from medvl.placement import Placement, check_accelerator, train_scaling
 from medvl.preflight import check_inputs, check_shared_storage
 from medvl.rerun import conflict, differences, plain, save_config, saved_config
+from medvl.train.checkpoint import STATE_FILE, check_resumable
 from medvl.train.config import TrainConfig
 from medvl.train.feed import FeedPlan
-from medvl.train.loop import STATE_FILE, train_loop_per_worker
+from medvl.train.loop import train_loop_per_worker
 from medvl.train.validation import ValPlan
 
 URI_FIELDS = ("data", "output", "init", "tokenizer", "vision_tower", "llm")
@@ -93,6 +94,7 @@ def train(cfg: TrainConfig, placement: Placement | None = None, resume: bool = F
     )
     start = latest_step(cfg)
     if start:
+        check_resumable(cfg, start)  # before fit(): no worker loads weights for a checkpoint it cannot load
         print(f"[stage {cfg.stage}] resuming from checkpoint at step {start}", flush=True)
     with MetricsFollower(storage.join(cfg.output, "metrics.jsonl"), cfg.stage, plan.steps, start):
         result = trainer.fit()

@@ -16,14 +16,6 @@ import torch
 
 from medvl.train.config import TrainConfig
 
-# ZeRO-3 steps the optimizer one sub-group of its partition at a time, and for each makes an
-# fp32 copy of the sub-group's gradients first (``_prepare_fp32_grad_for_sub_group``: a
-# flattened copy, then the cast from bf16). LLaVA's 1e9 elements is the whole partition of a
-# rank up to 8B parameters per rank: at 13B on 8 GPUs that is 1e9 x (2 + 4) bytes = 5.6 GiB
-# of GPU memory at each step; 1e7 makes it 60 MB (on the CPU rehearsal: -0.5 W of a worker's
-# peak, benchmarks/memory.py). Adam is elementwise: the same update, in more kernel calls.
-SUB_GROUP = 10**7
-
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
     """The recipe's DeepSpeed config; ``initialize`` adds the buckets sized by the model
@@ -33,7 +25,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
                   "allgather_bucket_size": 5e8}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-        zero["sub_group_size"] = SUB_GROUP
+        zero["sub_group_size"] = cfg.zero_sub_group_size  # see TrainConfig
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,

@@ -22,8 +22,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from medvl import storage
+from medvl.train.checkpoint import upload_prefix
 from medvl.train.config import TrainConfig
-from medvl.train.loop import upload_prefix
 from medvl.train.trainer import train
 from tests.conftest import free_port
 

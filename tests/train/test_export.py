@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import LlavaForConditionalGeneration
 
 from medvl.model.build import checkpoint_key, load_hf
-from medvl.train.loop import CKPT_TAG
+from medvl.train.checkpoint import CKPT_TAG
 
 INDEX = "model.safetensors.index.json"
 pytestmark = pytest.mark.slow
