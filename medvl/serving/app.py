@@ -17,18 +17,15 @@ import dataclasses
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledError
+from ray.exceptions import TaskCancelledError
 from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from medvl import config, storage
@@ -45,6 +42,14 @@ from medvl.serving.api import (
     to_engine_request,
 )
 from medvl.serving.engine import CONCURRENT_BATCHES, Chunk, Engine, Prepared, Preparer
+from medvl.serving.errors import (
+    REPLICA_LOST,
+    error_body,
+    image_error,
+    install,
+    replica_lost,
+    server_error,
+)
 from medvl.serving.guard import (
     KeySlots,
     check_exposure,
@@ -52,9 +57,8 @@ from medvl.serving.guard import (
     is_loopback,
     key_of,
     load_api_keys,
-    logger,
-    request_id,
 )
+from medvl.serving.lifetime import FRONT_THREADS, Slot, Stream, parsed
 from medvl.serving.page import ASSETS, HEADERS, png, render
 
 # No /docs or /redoc pages (they load scripts from a CDN into an operator's browser); the
@@ -84,135 +88,10 @@ def _openapi() -> dict:
 
 
 api.openapi = _openapi
+install(api)
 
 
-def _error_body(e: APIError) -> dict:
-    """OpenAI's error object plus the request id, which finds the request in the server log."""
-    body = e.body()
-    body["error"]["request_id"] = request_id()
-    return body
-
-
-@api.exception_handler(APIError)
-async def _api_error(_: Request, e: APIError) -> JSONResponse:
-    return JSONResponse(_error_body(e), status_code=e.status, headers=getattr(e, "headers", None))
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-    """Unknown routes and methods answer in OpenAI's error shape too."""
-    kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-    return JSONResponse(_error_body(APIError(e.status_code, str(e.detail), code=kind)), status_code=e.status_code)
-
-
-def _server_error(what: str, detail: str | Exception) -> APIError:
-    """A 500 whose text is ours alone: exception text (remote tracebacks name node IPs and
-    paths) goes to the server log under the request id, never to the client."""
-    logger.error("request %s: %s: %s", request_id(), what, detail,
-                 exc_info=detail if isinstance(detail, Exception) else None)
-    return APIError(500, f"{what}; the server log has the details under this request id",
-                    "server_error", "generation_failed")
-
-
-@api.exception_handler(Exception)
-async def _unexpected(_: Request, e: Exception) -> JSONResponse:
-    logger.exception("request %s failed", request_id(), exc_info=e)
-    return JSONResponse(_error_body(APIError(500, "internal error; the server log has the details under "
-                                                  "this request id", "server_error", "internal_error")),
-                        status_code=500)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-    first = e.errors()[0] if e.errors() else {}
-    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-    msg = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid")
-    return JSONResponse(_error_body(APIError(400, msg, code="invalid_request", param=where or None)), status_code=400)
-
-
-# A model replica gone mid-request (crashed, killed, its node lost): the caller may retry.
-REPLICA_LOST = (RayActorError, ActorUnavailableError)
 HEALTH_TIMEOUT_S = 10.0
-
-
-T = TypeVar("T")
-
-
-# Threads of one front replica for parsing and image decoding: their own pool, so decodes
-# queue behind each other instead of taking the default pool Ray and asyncio also use. A
-# front replica asks for a quarter of a CPU; more throughput is more front replicas.
-FRONT_THREADS = 8
-
-
-class _Slot:
-    """A request's key slot, given back once the request has ended *and* no thread it
-    started still runs. A client gone mid-decode cancels the request, not its thread (a
-    thread cannot be stopped): freed at the cancellation, the slot let one key start decode
-    after decode while the earlier ones ran on, so the per-key limit bounded no CPU."""
-
-    def __init__(self, release: Callable[[], None], pool: Executor):
-        self._release, self.pool = release, pool
-        self.threads, self.ended = 0, False
-
-    async def run(self, fn: Callable[..., T], *args) -> T:
-        """``fn(*args)`` in the pool; the slot is held until it returns, even when this
-        request is cancelled first (one still queued is dropped from the queue then)."""
-        loop = asyncio.get_running_loop()
-        future = self.pool.submit(fn, *args)
-        self.threads += 1
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._thread_done))
-        return await asyncio.wrap_future(future)
-
-    def _thread_done(self) -> None:
-        self.threads -= 1
-        self._maybe_release()
-
-    def __call__(self) -> None:
-        """The request has ended (answered, failed or cancelled)."""
-        self.ended = True
-        self._maybe_release()
-
-    def _maybe_release(self) -> None:
-        if self.ended and not self.threads:
-            self._release()
-
-
-async def _parsed(slot: _Slot, parse: Callable[[bytes], T], raw: bytes) -> T:
-    """``parse(raw)`` off the event loop (bounded by the body limit); bad JSON or a body
-    that is not the model is a 400 in OpenAI's shape."""
-    try:
-        return await slot.run(parse, raw)
-    except ValueError as e:  # pydantic.ValidationError is a ValueError; so is bad JSON
-        errors = getattr(e, "errors", lambda: [])()
-        raise RequestValidationError(errors or [{"msg": str(e)}]) from e
-
-
-def _image_error(e: ImageError) -> APIError:
-    """An image the decoder refused: 413 when too large, else 400, in the decoder's words."""
-    return APIError(413 if e.reason == "image_too_large" else 400, f"image rejected: {e.detail}", code=e.reason)
-
-
-def _replica_lost(e: Exception) -> APIError:
-    return APIError(503, f"the model replica answering this request failed ({type(e).__name__}); "
-                         "retry", "server_error", "model_unavailable")
-
-
-class _Stream(StreamingResponse):
-    """An SSE stream that calls ``release()`` once it has been sent or abandoned. Around the
-    whole ASGI call, not in the body iterator: a client gone while the headers go out cancels
-    the stream before its iterator starts, and a generator never started runs no ``finally``
-    (its key's slot was lost for good). Defined above the ingress class: ``serve.ingress``
-    copies the class when it is declared."""
-
-    def __init__(self, chunks: AsyncIterator[str], release: Callable[[], None]):
-        super().__init__(chunks, media_type="text/event-stream")
-        self.release = release
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.release()
 
 
 @serve.deployment(name="MedVLModel", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -303,10 +182,10 @@ class ChatDeployment:
         if request.method == "POST" and media != "application/json":
             raise APIError(415, "send the body as Content-Type: application/json", code="unsupported_media_type")
 
-    def _admit(self, request: Request) -> _Slot:
-        """The key, then one of its slots: calling the returned ``_Slot`` gives it back."""
+    def _admit(self, request: Request) -> Slot:
+        """The key, then one of its slots: calling the returned ``Slot`` gives it back."""
         key = self._check(request)
-        return _Slot(self.slots.take(key) if key is not None else lambda: None, self.pool)
+        return Slot(self.slots.take(key) if key is not None else lambda: None, self.pool)
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused as soon as it (or its Content-Length) passes the size limit, and
@@ -355,7 +234,7 @@ class ChatDeployment:
         slot = self._admit(request)
         try:
             parse = functools.partial(parse_request, model=PreviewRequest)
-            body = await _parsed(slot, parse, await self._read_body(request))
+            body = await parsed(slot, parse, await self._read_body(request))
             return Response(await slot.run(self._preview, body), media_type="image/png",
                             headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
         finally:
@@ -366,7 +245,7 @@ class ChatDeployment:
         try:
             pixels = self.preparer.pixels(data, name, self.cfg.max_image_pixels, self.cfg.allow_burned_in_annotation)
         except ImageError as e:
-            raise _image_error(e) from e
+            raise image_error(e) from e
         return png(pixels)
 
     @api.get("/healthz")
@@ -405,12 +284,12 @@ class ChatDeployment:
             slot()
             raise
         if isinstance(response, StreamingResponse):
-            return _Stream(response.body_iterator, slot)
+            return Stream(response.body_iterator, slot)
         slot()
         return response
 
-    async def _answer(self, request: Request, slot: _Slot):
-        body = await _parsed(slot, parse_request, await self._read_body(request))
+    async def _answer(self, request: Request, slot: Slot):
+        body = await parsed(slot, parse_request, await self._read_body(request))
         prepared = await slot.run(self._prepare, body)  # decode + tokenise off the event loop
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -419,11 +298,11 @@ class ChatDeployment:
         try:
             chunk = await self.model.complete.remote(prepared)  # a client gone cancels it there too
         except REPLICA_LOST as e:
-            raise _replica_lost(e) from e
+            raise replica_lost(e) from e
         except Exception as e:  # noqa: BLE001 - the whole batch failed: an OpenAI-shaped 500, not a bare one
-            raise _server_error("generation failed", e) from e
+            raise server_error("generation failed", e) from e
         if chunk.error is not None:
-            raise _server_error("generation failed for this request", chunk.error)
+            raise server_error("generation failed for this request", chunk.error)
         return completion_body(chunk.result, self.cfg.model_name)
 
     def _prepare(self, body: ChatCompletionRequest) -> Prepared:
@@ -431,7 +310,7 @@ class ChatDeployment:
         try:
             prepared = self.preparer.prepare(req, self.cfg.max_image_pixels, self.cfg.allow_burned_in_annotation)
         except ImageError as e:
-            raise _image_error(e) from e
+            raise image_error(e) from e
         if len(prepared.ids) > self.cfg.max_prompt_tokens:
             raise APIError(400, f"prompt is {len(prepared.ids)} tokens, more than "
                                 f"{self.cfg.max_prompt_tokens}", code="context_length_exceeded")
@@ -455,9 +334,9 @@ class ChatDeployment:
                         body = chunk_body(cid, model, None, None, chunk.result)
                         yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
         except REPLICA_LOST as e:
-            yield f"data: {json.dumps(_error_body(_replica_lost(e)), ensure_ascii=False)}\n\n"
+            yield f"data: {json.dumps(error_body(replica_lost(e)), ensure_ascii=False)}\n\n"
         except Exception as e:  # noqa: BLE001 - the stream ends with an error event, never cut
-            err = _error_body(_server_error("generation failed", e))
+            err = error_body(server_error("generation failed", e))
             yield f"data: {json.dumps(err, ensure_ascii=False)}\n\n"
         finally:
             chunks.cancel()  # a closed stream cancels its request in the model replica

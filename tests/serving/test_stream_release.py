@@ -4,7 +4,7 @@ async generator never started runs no ``finally``."""
 
 import asyncio
 
-from medvl.serving.app import _Stream
+from medvl.serving.lifetime import Stream as _Stream
 
 
 def test_a_stream_abandoned_before_its_first_chunk_gives_its_slot_back():
