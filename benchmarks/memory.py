@@ -30,6 +30,9 @@ takes that column from an earlier run's ``WORKDIR/before.json``. The "first seen
 the external sampler's (it first sees a worker before its imports); the workers' own
 records start after imports, at the RSS the model is loaded from.
 
+The table's last row, the worst-case training step, is ``worst_case_step.py``'s (alone:
+``--worst-case-only``).
+
 Usage: python benchmarks/memory.py [--workdir benchmarks/out/memory] [--code DIR] [--zero3-only]
 """
 
@@ -48,6 +51,7 @@ import traceback
 from pathlib import Path
 
 import psutil
+from worst_case_step import worst_case_row  # this directory: the row's own script
 
 SHAPE = dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, num_key_value_heads=12)
 LAYERS = 8  # the rehearsal LLM; LAYERS // 2 for the second stage-1 checkpoint size
@@ -364,71 +368,6 @@ def print_table(tables: list[tuple[str, dict]], w: int, block: int, shard: int, 
 
 
 
-# The worst-case step: stage 1's longest rows (2048 tokens, 576 of them the image's), Llama-2's
-# 32k vocabulary, every text position labelled; a 2-layer LLM, so the head and the loss dominate
-# as at 13B. fp32 (the CPU's training dtype): the fp32 upcast is then no copy, so "before" is
-# if anything understated.
-WORST = dict(rows=2, length=2048, image_tokens=576, vocab=32000, hidden=512, layers=2)
-
-
-def worst_case_child(variant: str, tokenizer: str) -> None:
-    """One forward + backward of the worst-case batch with transformers' loss ("before": logits
-    for every position) or ``medvl.train.loss`` ("after"); prints the step's peak RSS over the
-    RSS before it, in bytes (run in a fresh process per variant: ``ru_maxrss`` is a lifetime peak)."""
-    import resource
-
-    import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    from medvl.tokenizer import image_token_id, load
-    from medvl.train.batching import model_inputs
-    from medvl.train.loss import causal_lm_loss
-    from medvl.train.model import prepare_for_training
-    from medvl.train.probe import worst_case_batch
-
-    torch.manual_seed(0)
-    tok = load(tokenizer)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=24 * 14, patch_size=14)  # 576 patches, as CLIP ViT-L/14-336
-    text = LlamaConfig(hidden_size=WORST["hidden"], intermediate_size=4 * WORST["hidden"],
-                       num_hidden_layers=WORST["layers"], num_attention_heads=8, vocab_size=WORST["vocab"],
-                       max_position_embeddings=WORST["length"], pad_token_id=tok.pad_token_id)
-    model = prepare_for_training(LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=image_token_id(tok),
-        image_seq_length=WORST["image_tokens"], vision_feature_select_strategy="default",
-        vision_feature_layer=-2)), gradient_checkpointing=True)
-    model.model.vision_tower.requires_grad_(False)
-    batch = model_inputs(worst_case_batch(model, tok, WORST["rows"], WORST["length"]), "cpu")
-    before = psutil.Process().memory_info().rss
-    loss = model(**batch).loss if variant == "before" else causal_lm_loss(model, batch)
-    loss.backward()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
-
-
-def worst_case_row(root: Path) -> None:
-    """The worst-case step before and after (each in its own process, both in this run) and
-    the ratio's verdict: chunking must at least halve the step's memory."""
-    from medvl.data.demo import build_demo_data
-
-    if not (root / "demo").exists():
-        build_demo_data(str(root / "demo"), variants=1)
-    peaks = {v: int(subprocess.run([sys.executable, __file__, "--worst-case", v, "--tokenizer",
-                                    str(root / "demo/tokenizer")], check=True, capture_output=True,
-                                   text=True).stdout.split()[-1]) for v in ("before", "after")}
-    ratio = peaks["after"] / peaks["before"]
-    w = WORST
-    name = f"worst-case step {w['rows']} x {w['length']} (V {w['vocab']}): peak over its start, GB"
-    print(f"\n{'figure':<58}{'before':>12}{'after':>12}  target")
-    print(f"{name:<58}{peaks['before'] / 1e9:>12.2f}{peaks['after'] / 1e9:>12.2f}")
-    verdict = "MET" if ratio <= 0.5 else "MISSED"
-    print(f"{'worst-case step: after / before':<58}{'':>12}{ratio:>12.2f}  <=0.50  {verdict}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="benchmarks/out/memory")
@@ -442,12 +381,9 @@ def main() -> None:
     ap.add_argument("--worst-case-only", action="store_true", help="only the worst-case step row (no rehearsal)")
     ap.add_argument("--zero3-only", action="store_true",
                     help="re-run stage 2 (ZeRO-3) alone; stage 1 from WORKDIR/after.json of an earlier full run")
-    ap.add_argument("--worst-case", choices=("before", "after"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make_towers:
         return make_towers(args.make_towers, args.layers, args.tokenizer)
-    if args.worst_case:
-        return worst_case_child(args.worst_case, args.tokenizer)
     root = Path(args.workdir).resolve()
     if args.worst_case_only:
         return worst_case_row(root)
