@@ -30,5 +30,7 @@ def holdout_key(image: str | None, record_id: str) -> str:
 
 def split(rows: pa.Table, fraction: float) -> tuple[pa.Table, pa.Table]:
     """(training rows, held-out rows) of a table with a ``holdout_key`` column."""
+    if fraction <= 0:  # the default: no hash per row
+        return rows, rows.slice(0, 0)
     mask = pa.array([held_out(k, fraction) for k in rows["holdout_key"].to_pylist()], pa.bool_())
     return rows.filter(pc.invert(mask)), rows.filter(mask)

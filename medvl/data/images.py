@@ -34,8 +34,7 @@ def decode(data: bytes, name: str, spec: ImageSpec) -> Image.Image:
     """Bytes of any supported format -> RGB or greyscale PIL image, or ``ImageError``."""
     if is_dicom(data, name):
         return Image.fromarray(dicom_to_array(data, spec))
-    if data[:2] == b"\xff\xd8":  # JPEG: each scan is a pass over the whole image
-        check_scans(data)
+    check_scans(data)  # a JPEG's scans: each is a pass over the whole image
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)  # at its first frame, which is all we
         # decode: ``n_frames`` would walk every frame of a multi-page TIFF

@@ -73,7 +73,9 @@ def check_scans(data: bytes) -> None:
     at memchr speed before anything is decoded, from the last segment the header walk
     reached: metadata before it (an ICC profile, EXIF) is skipped by length, as the decoder
     skips it, and cannot add false scans. The count can be too high (an APP segment
-    between scans), never too low."""
+    between scans), never too low. Not a JPEG stream (no SOI marker): nothing to count."""
+    if data[:2] != b"\xff\xd8":
+        return
     start = max((at for at, _ in jpeg_markers(data)), default=0)
     scans = data.count(bytes((0xFF, SOS)), start)
     if scans > MAX_JPEG_SCANS:

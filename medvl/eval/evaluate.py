@@ -184,9 +184,8 @@ def check_leakage(cfg: EvalConfig, examples: list[dict]) -> tuple[dict, list[dic
     all, or with ``leakage_drop`` those whose image was not found."""
     if not cfg.leakage_data:
         return {"checked": False, "overlaps": []}, examples
-    overlaps = find_overlaps(sorted({ex["image"] for ex in examples}), cfg.image_root,
-                             storage.absolute(cfg.leakage_data),
-                             storage.absolute(cfg.leakage_image_root or cfg.image_root))
+    overlaps = find_overlaps(sorted({ex["image"] for ex in examples}), cfg.image_root, cfg.leakage_data,
+                             cfg.leakage_image_root or cfg.image_root)
     hit = {o["eval_image"] for o in overlaps}
     kept = [ex for ex in examples if ex["image"] not in hit] if cfg.leakage_drop else examples
     if not kept:
@@ -209,9 +208,10 @@ def evaluate(cfg: EvalConfig, placement: Placement | None = None) -> dict:
         if not getattr(cfg, name):
             raise ValueError(f"eval: --{name.replace('_', '-')} is required")
     cfg = dataclasses.replace(cfg, **{k: storage.absolute(getattr(cfg, k))
-                                      for k in ("model", "data", "image_root", "output")})
+                                      for k in ("model", "data", "image_root", "output", "leakage_data",
+                                                "leakage_image_root")})
     check_inputs({"model": storage.join(cfg.model, "config.json"), "data": cfg.data, "image_root": cfg.image_root,
-                  "leakage_data": storage.absolute(cfg.leakage_data) if cfg.leakage_data else ""},
+                  "leakage_data": cfg.leakage_data},
                  outputs=(cfg.output,))  # a missing training corpus: said before Ray starts, not in a task
     examples = load_eval_records(cfg.data, cfg.limit)
     if not examples:

@@ -149,14 +149,16 @@ class ChatDeployment:
     def __init__(self, cfg: ServeConfig, model: DeploymentHandle):
         self.cfg = cfg
         self.preparer = Preparer(cfg.model)  # tokenizer + template: no weights on the front
+        self.special = tuple(self.preparer.tok.all_special_tokens)  # a list HF rebuilds per call
         self.model, self.streams = model, model.options(stream=True)
         self.keys = load_api_keys(cfg)
         # `serve run/deploy` of a config: the host is Serve's, known here for certain.
-        check_exposure(cfg, _get_global_client().http_config.host, self.keys)
+        host = _get_global_client().http_config.host
+        check_exposure(cfg, host, self.keys)
         self.slots = KeySlots(cfg.max_requests_per_key)
         self.pool = ThreadPoolExecutor(FRONT_THREADS, thread_name_prefix="medvl-front")
         # Keyless on loopback: only requests that name a loopback host (see `_local`).
-        self.local_only = not self.keys and is_loopback(_get_global_client().http_config.host)
+        self.local_only = not self.keys and is_loopback(host)
         self.page = render(cfg.model_name, bool(self.keys), cfg.max_tokens_cap)
 
     def _check(self, request: Request) -> bytes | None:
@@ -306,7 +308,7 @@ class ChatDeployment:
         return completion_body(chunk.result, self.cfg.model_name)
 
     def _prepare(self, body: ChatCompletionRequest) -> Prepared:
-        req = to_engine_request(body, self.cfg, self.preparer.tok.all_special_tokens)
+        req = to_engine_request(body, self.cfg, self.special)
         try:
             prepared = self.preparer.prepare(req, self.cfg.max_image_pixels, self.cfg.allow_burned_in_annotation)
         except ImageError as e:
